@@ -1,0 +1,106 @@
+"""What a merged model carries with it: model card, provenance record, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+from . import methods
+
+
+def version() -> str:
+    try:
+        return package_version("safemerge")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def dump_json(data) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def provenance(cfg, result) -> dict:
+    """Every setting that produced the merge, as data (safemerge.json)."""
+    from .merge import command_line
+
+    return {
+        "safemerge_version": version(),
+        "method": cfg.method,
+        "paper": methods.METHODS[cfg.method].paper,
+        "parameters": cfg.params,
+        "lambda_meaning": "weight of the fine-tuned model: (1-λ)·aligned + λ·finetuned",
+        "dtype": cfg.dtype,
+        "keep_aligned": cfg.keep_aligned,
+        "aligned": {"source": cfg.aligned, "fingerprint": result.fingerprints[cfg.aligned]},
+        "finetuned": [{"source": f, "fingerprint": result.fingerprints[f]} for f in cfg.finetuned],
+        "notes": result.notes,
+        "command": command_line(cfg),
+    }
+
+
+def model_card(cfg, result) -> str:
+    from .merge import command_line
+
+    m = methods.METHODS[cfg.method]
+    params = "\n".join(f"| {k} | {v} |" for k, v in cfg.params.items()) or "| (none) | |"
+    inputs = "\n".join(
+        [f"| aligned | `{cfg.aligned}` | `{result.fingerprints[cfg.aligned]}` |"]
+        + [f"| fine-tuned {i + 1} | `{f}` | `{result.fingerprints[f]}` |" for i, f in enumerate(cfg.finetuned)]
+    )
+    notes = "".join(f"- {n}\n" for n in result.notes) or "- none\n"
+    return f"""---
+base_model: {json.dumps(cfg.aligned)}
+tags:
+- merge
+- safemerge
+---
+
+# Merged model
+
+This model was made by [safemerge](https://pypi.org/project/safemerge/) {version()}: the
+safety-aligned model below merged with its fine-tuned version(s), to bring back the safety
+that fine-tuning erodes while keeping the task gain.
+
+- Method: `{m.name}`: {m.summary} ([paper]({m.paper}))
+- λ is the weight of the fine-tuned model: merged = (1 − λ)·aligned + λ·fine-tuned.
+- Computed in float32 and rounded once to the output dtype (`{cfg.dtype}`).
+
+| parameter | value |
+|---|---|
+{params}
+
+## Inputs
+
+| role | source | content fingerprint |
+|---|---|---|
+{inputs}
+
+## Notes
+
+{notes}
+## Reproduce
+
+```bash
+{command_line(cfg)}
+```
+"""
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True):
+    """Yield ``advance(nbytes)``; draws a bytes/ETA bar on stderr when enabled and a terminal."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=console, transient=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,100 @@
+"""The `safemerge` command: a thin typer layer over the Python API."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import config as cfg_defaults
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Merge a safety-aligned LLM with its fine-tuned version to restore its safety. "
+    "λ is always the weight of the fine-tuned model: merged = (1-λ)·aligned + λ·finetuned.",
+)
+
+MERGE_EXAMPLES = """
+Examples:
+
+  safemerge merge meta-llama/Meta-Llama-3-8B-Instruct ./sft-gsm8k --out ./merged --method linear --lambda 0.6
+
+  safemerge merge ./aligned ./seed0 ./seed1 ./seed2 --out ./stock --method model_stock --dtype bfloat16
+"""
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show the full traceback of an error")]
+
+
+@app.command(epilog=MERGE_EXAMPLES)
+def merge(
+    aligned: Annotated[str, typer.Argument(help="the safety-aligned model: a directory or a Hub id")],
+    finetuned: Annotated[list[str], typer.Argument(help="fine-tuned model(s) or LoRA adapter(s) of ALIGNED; several are averaged (seeds)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the merged model to")],
+    method: Annotated[str, typer.Option(help="merge method; see `safemerge methods`")] = "linear",
+    lam: Annotated[
+        Optional[float],
+        typer.Option("--lambda", help=f"λ, the weight of the FINE-TUNED model in [0, 1]: merged = (1-λ)·aligned + λ·finetuned (default {cfg_defaults.DEFAULT_LAMBDA}; model_stock takes none)"),
+    ] = None,
+    density: Annotated[Optional[float], typer.Option(help=f"fraction of each delta kept by ties/dare methods (default {cfg_defaults.DEFAULT_DENSITY})")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the DARE drop masks")] = cfg_defaults.DEFAULT_SEED,
+    dtype: Annotated[str, typer.Option(help="output dtype: auto (the aligned model's), bfloat16, float16 or float32")] = "auto",
+    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB or 500MB")] = cfg_defaults.DEFAULT_SHARD_SIZE,
+    keep_aligned: Annotated[Optional[list[str]], typer.Option(help="regex of tensor names copied unchanged from ALIGNED (repeatable)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out (only once the new model is complete)")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt checkpoints with torch.load(weights_only=True)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    debug: DebugOpt = False,
+):
+    """Merge ALIGNED with FINETUNED (checkpoints or LoRA adapters) and write a Hugging Face model directory."""
+    from .merge import merge as run_merge
+
+    result = guarded(debug, run_merge, aligned, finetuned, out, method=method, lam=lam, density=density, seed=seed,
+                     dtype=dtype, shard_size=shard_size, keep_aligned=keep_aligned, force=force,
+                     allow_pickle=allow_pickle, progress=not quiet)
+    typer.echo(f"wrote {result.out} ({result.method}, {len(result.files)} shard(s), {result.tensors} tensors)")
+
+
+@app.command()
+def methods():
+    """List the merge methods, what each computes and the parameters it takes."""
+    from .methods import METHODS
+
+    for m in METHODS.values():
+        takes = ", ".join(sorted({"lam": "lambda", "density": "density", "gens": "seed"}[t] for t in m.takes)) or "no parameters"
+        typer.echo(f"{m.name:16} {m.summary}  [{takes}; {m.paper}]")
+
+
+def guarded(debug: bool, fn, *args, **kwargs):
+    """Run a library call; a SafemergeError becomes one line on stderr and exit code 1."""
+    from .errors import SafemergeError
+
+    try:
+        return fn(*args, **kwargs)
+    except SafemergeError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("interrupted; nothing was written", err=True)
+        raise typer.Exit(130) from None
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so temporary output is removed
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="safemerge")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Typed, validated settings. Everything is checked here, before any tensor is read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import methods
+from .errors import ConfigError
+
+DEFAULT_LAMBDA = 0.5
+DEFAULT_DENSITY = 0.5
+DEFAULT_SEED = 42
+DEFAULT_SHARD_SIZE = "5GB"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (decimal units as on the Hub)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write e.g. 5GB or 500MB")
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "").upper()])
+
+
+class MergeConfig(BaseModel):
+    """One merge: the aligned model, its fine-tuned version(s), the method and the output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
+    aligned: str = Field(description="the safety-aligned model: a directory or a Hub id")
+    finetuned: list[str] = Field(min_length=1, description="fine-tuned models or LoRA adapters of the aligned one")
+    out: Path = Field(description="directory to write the merged model to")
+    method: str = Field("linear", description="merge method, see `safemerge methods`")
+    lam: float | None = Field(
+        None, ge=0, le=1, alias="lambda",
+        description=f"λ, the weight of the fine-tuned model: merged = (1-λ)·aligned + λ·finetuned (default {DEFAULT_LAMBDA})",
+    )
+    density: float | None = Field(
+        None, gt=0, le=1, description=f"fraction of each delta kept by ties/dare methods (default {DEFAULT_DENSITY})"
+    )
+    seed: int = Field(DEFAULT_SEED, ge=0, description="seed of the DARE drop masks")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="output dtype; auto keeps each tensor's dtype in the aligned model"
+    )
+    shard_size: int = Field(parse_size(DEFAULT_SHARD_SIZE), gt=0, description="largest output shard, in bytes")
+    keep_aligned: list[str] = Field(default_factory=list, description="regexes of tensor names copied unchanged from the aligned model")
+    force: bool = Field(False, description="replace an existing output directory")
+    allow_pickle: bool = Field(False, description="load .bin/.pt checkpoints (with torch.load weights_only=True)")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @field_validator("keep_aligned")
+    @classmethod
+    def _regexes(cls, patterns):
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"keep_aligned pattern {p!r} is not a valid regex: {e}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _fits_method(self):
+        m = methods.METHODS.get(self.method)
+        if m is None:
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(methods.METHODS)}")
+        if len(self.finetuned) < m.min_models:
+            raise ValueError(f"{self.method} needs at least {m.min_models} fine-tuned models, got {len(self.finetuned)}")
+        if self.lam is not None and "lam" not in m.takes:
+            raise ValueError(f"{self.method} takes no λ (--lambda); it sets the interpolation itself")
+        if self.density is not None and "density" not in m.takes:
+            raise ValueError(f"{self.method} takes no density; only ties and dare methods do")
+        return self
+
+    @property
+    def params(self) -> dict:
+        """The method's parameters with defaults filled in: exactly what the merge used."""
+        takes = methods.METHODS[self.method].takes
+        params = {}
+        if "lam" in takes:
+            params["lam"] = DEFAULT_LAMBDA if self.lam is None else self.lam
+        if "density" in takes:
+            params["density"] = DEFAULT_DENSITY if self.density is None else self.density
+        if "gens" in takes:
+            params["seed"] = self.seed
+        return params
+
+
+def validate(model: type[BaseModel], **values) -> BaseModel:
+    """Build a config, turning pydantic's report into one ConfigError line."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        raise ConfigError("; ".join(parts)) from None

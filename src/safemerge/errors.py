@@ -1,0 +1,17 @@
+"""One exception family for everything a user can cause; the CLI catches only these."""
+
+
+class SafemergeError(Exception):
+    """A problem with the user's input or environment, reported as one line."""
+
+
+class ConfigError(SafemergeError):
+    """Bad options: unknown method, λ out of range, conflicting flags, bad output path."""
+
+
+class CheckpointError(SafemergeError):
+    """A model or adapter that cannot be read: missing, corrupt, unsupported or unsafe."""
+
+
+class IncompatibleModelsError(SafemergeError):
+    """Inputs that cannot be merged together: other architecture, tensors or shapes."""

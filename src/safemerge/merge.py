@@ -1,0 +1,424 @@
+"""Plan a merge (check every input against the others, before any tensor is read), then
+stream it: one tensor, or one chunk of rows, at a time, from the readers through the
+merge method to the writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import shlex
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import methods
+from .checkpoints import Checkpoint, LoraAdapter, open_source
+from .config import MergeConfig, validate
+from .errors import CheckpointError, ConfigError, IncompatibleModelsError, SafemergeError
+from .writer import Entry, ShardedWriter, atomic_directory, copy_file, write_file
+
+CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on ~4 MB float32 pieces: fast and flat in memory
+ARCHITECTURE_KEYS = (
+    "model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "head_dim",
+)
+
+Source = Checkpoint | LoraAdapter
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]  # of the output
+    dtype: torch.dtype  # of the output
+    merge: bool  # False: copied from the aligned model (kept, non-float, or changed by no input)
+    shared_rows: int  # rows the aligned model has; more output rows come from the fine-tuned models
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    aligned: Checkpoint
+    tuned: list[Source]
+    tensors: list[TensorPlan]
+    model_config: dict  # config.json of the output
+    tokenizer: list[Path]  # tokenizer files to copy
+    notes: list[str] = field(default_factory=list)  # interpretations worth recording in the card
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.METHODS[self.config.method]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors)
+
+    def close(self) -> None:
+        for s in (self.aligned, *self.tuned):
+            s.files.close()
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    method: str
+    params: dict
+    fingerprints: dict[str, str]  # input spec -> content fingerprint
+    files: list[str]
+    tensors: int
+    notes: list[str]
+
+
+# --- planning --------------------------------------------------------------------------
+
+
+def vocab_size(config: dict) -> int | None:
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+def check_out_path(out: Path, inputs: list[Source]) -> None:
+    out = Path(os.path.realpath(out))
+    for src in inputs:
+        p = Path(os.path.realpath(src.path))
+        if out == p or p in out.parents:
+            raise ConfigError(f"--out {out} is inside the input {src.spec}; choose a directory outside every input")
+        if out in p.parents:
+            raise ConfigError(f"--out {out} contains the input {src.spec}; choose another --out")
+
+
+def check_architecture(aligned: Checkpoint, tuned: Checkpoint) -> None:
+    for key in ARCHITECTURE_KEYS:
+        a, t = aligned.config.get(key), tuned.config.get(key)
+        if a is not None and t is not None and a != t:
+            raise IncompatibleModelsError(
+                f"{tuned.spec} is not a fine-tune of {aligned.spec}: {key} is {t} there and {a} in the aligned model"
+            )
+
+
+def some(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def tuned_shapes(aligned: Checkpoint, t: Source) -> dict[str, tuple[int, ...]]:
+    """Shape of each aligned tensor in the fine-tuned model ``t``; checks names and LoRA targets."""
+    names = set(aligned.infos)
+    if isinstance(t, Checkpoint):
+        missing, extra = names - set(t.infos), set(t.infos) - names
+        if missing:
+            raise IncompatibleModelsError(f"{t.spec} lacks {len(missing)} tensor(s) of the aligned model: {some(missing)}; are both the same architecture?")
+        if extra:
+            raise IncompatibleModelsError(f"{t.spec} has {len(extra)} tensor(s) the aligned model lacks: {some(extra)}; are both the same architecture?")
+        return {n: t.infos[n].shape for n in names}
+    shapes = {n: aligned.infos[n].shape for n in names}
+    absent = [n for n in (*t.modules, *t.full) if n not in names]
+    if absent:
+        raise IncompatibleModelsError(
+            f"adapter {t.spec} targets {some(absent)}, absent from the aligned model {aligned.spec}; was it trained on another base model?"
+        )
+    for name, key in t.full.items():
+        shapes[name] = t.files.infos[key].shape
+    for name, m in t.modules.items():
+        a_shape, b_shape = t.files.infos[m.a_key].shape, t.files.infos[m.b_key].shape
+        r = a_shape[0]
+        delta = (a_shape[1], b_shape[0]) if m.transposed else (b_shape[0], a_shape[1])
+        if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != r or delta != tuple(shapes[name]):
+            raise IncompatibleModelsError(
+                f"adapter {t.spec}: LoRA for {name} gives a delta of shape {list(delta)} but the tensor has shape "
+                f"{list(shapes[name])}; was it trained on another base model?"
+            )
+    return shapes
+
+
+def plan_merge(cfg: MergeConfig) -> MergePlan:
+    """Open every input (headers only) and check that they can be merged as asked."""
+    aligned = open_source(cfg.aligned, allow_pickle=cfg.allow_pickle)
+    if not isinstance(aligned, Checkpoint):
+        raise ConfigError(f"ALIGNED {cfg.aligned} is a LoRA adapter; give the aligned model's directory, and the adapter as FINETUNED")
+    tuned = [open_source(s, allow_pickle=cfg.allow_pickle) for s in cfg.finetuned]
+    check_out_path(cfg.out, [aligned, *tuned])
+    for t in tuned:
+        if isinstance(t, Checkpoint):
+            check_architecture(aligned, t)
+
+    va = vocab_size(aligned.config)
+    shapes = [tuned_shapes(aligned, t) for t in tuned]
+    keep = [re.compile(p) for p in cfg.keep_aligned]
+    unused = [p.pattern for p in keep if not any(p.search(n) for n in aligned.infos)]
+    if unused:
+        raise ConfigError(f"--keep-aligned {some(unused)} matches no tensor of {cfg.aligned}")
+    grown_to: set[int] = set()
+    plans = []
+    for name, info in aligned.infos.items():
+        rows = out_rows(name, info.shape, [s[name] for s in shapes], tuned, va)
+        if rows != info.rows:
+            grown_to.add(rows)
+        floating = info.dtype.is_floating_point
+        changed = any(isinstance(t, Checkpoint) or t.changes(name) for t in tuned)
+        dtype = info.dtype if cfg.dtype == "auto" or not floating else getattr(torch, cfg.dtype)
+        shape = (rows, *info.shape[1:]) if info.shape else ()
+        merge = floating and changed and not any(p.search(name) for p in keep)
+        plans.append(TensorPlan(name, shape, dtype, merge, info.rows))
+    model_config, tokenizer, notes = output_metadata(cfg, aligned, tuned, va, grown_to, plans)
+    return MergePlan(cfg, aligned, tuned, plans, model_config, tokenizer, notes)
+
+
+def out_rows(name: str, shape: tuple, tuned_shapes: list[tuple], tuned: list[Source], va: int | None) -> int:
+    """Output rows of one tensor: the aligned rows, or more when fine-tuning added tokens."""
+    rows = shape[0] if shape else 1
+    grown = {s[0] for s in tuned_shapes if tuple(s) != tuple(shape)}
+    for s, t in zip(tuned_shapes, tuned):
+        if tuple(s) == tuple(shape):
+            continue
+        vocab_like = len(shape) == 2 and shape[0] == va and tuple(s[1:]) == tuple(shape[1:]) and s[0] > shape[0]
+        if not vocab_like:
+            raise IncompatibleModelsError(
+                f"tensor {name} has shape {list(shape)} in the aligned model but {list(s)} in {t.spec}; "
+                "only added vocabulary rows can differ"
+            )
+    if len(grown) > 1 or (grown and any(tuple(s) == tuple(shape) for s in tuned_shapes)):
+        raise IncompatibleModelsError(f"the fine-tuned inputs disagree on the rows of {name}: {sorted({s[0] for s in tuned_shapes})}; merge fine-tunes that share a tokenizer")
+    return grown.pop() if grown else rows
+
+
+def output_metadata(cfg, aligned, tuned, va, grown_to, plans):
+    notes = []
+    model_config = dict(aligned.config)
+    tokenizer_source = aligned
+    if grown_to:
+        vt = grown_to.pop()
+        stale = [t.name for t in plans if len(t.shape) == 2 and t.shape[0] == va]
+        if stale:
+            raise IncompatibleModelsError(
+                f"the fine-tuned model(s) have {vt} vocabulary rows but give only {va} for {some(stale)}; "
+                "save that tensor with the fine-tune (for an adapter: modules_to_save)"
+            )
+        first = tuned[0]
+        if isinstance(first, Checkpoint):
+            model_config = dict(first.config)
+        model_config["vocab_size"] = vt
+        tokenizer_source = first
+        notes.append(f"vocabulary grew from {va} to {vt} tokens: shared rows merged, added rows are the fine-tuned models' mean; tokenizer from {first.spec}")
+    tokenizer = tokenizer_source.tokenizer_files()
+    if not tokenizer:
+        raise CheckpointError(f"{tokenizer_source.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); the merged model needs them: copy them there")
+    if cfg.dtype != "auto":
+        keys = [k for k in ("dtype", "torch_dtype") if k in model_config] or ["dtype"]
+        model_config.update({k: cfg.dtype for k in keys})
+    return model_config, tokenizer, notes
+
+
+# --- streaming -------------------------------------------------------------------------
+
+
+def dare_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
+    """One CPU generator per fine-tuned model and tensor, seeded from sha256('seed:name:i'),
+    so results never depend on the order in which tensors are processed."""
+    gens = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{seed}:{name}:{i}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return gens
+
+
+def check_finite(x: Tensor, name: str, where: str) -> None:
+    # a float32 sum is one fast pass; only a non-finite sum needs the exact test
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        raise CheckpointError(f"tensor {name} in {where} contains NaN or Inf; that input is broken, re-download or re-train it")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of streaming work: rows [r0, r1) of a tensor; ``added`` for vocabulary rows."""
+
+    plan: TensorPlan
+    r0: int
+    r1: int
+    added: bool = False
+
+
+def pieces(plan: MergePlan):
+    elementwise = plan.method.elementwise
+    for tp in plan.tensors:
+        row = math.prod(tp.shape[1:]) if tp.shape else 1
+        step = max(1, CHUNK_ELEMENTS // row) if tp.merge and elementwise else tp.shared_rows
+        for r0 in range(0, tp.shared_rows, step):
+            yield Piece(tp, r0, min(r0 + step, tp.shared_rows))
+        out_rows = tp.shape[0] if tp.shape else 1
+        if out_rows > tp.shared_rows:
+            yield Piece(tp, tp.shared_rows, out_rows, added=True)
+
+
+def load(plan: MergePlan, p: Piece):
+    """Raw reads for a piece (run ahead on a worker thread): aligned rows and checkpoint rows."""
+    rows = (p.r0, p.r1)
+    aligned = None if p.added else plan.aligned.read(p.plan.name, rows)
+    if not (p.plan.merge or p.added):
+        return aligned, []
+    return aligned, [t.read(p.plan.name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
+
+
+def tuned_rows(t: Source, raw: Tensor | None, name: str, a: Tensor | None, rows) -> Tensor:
+    if isinstance(t, Checkpoint):
+        f = raw.float()
+    elif a is None:  # added vocabulary rows exist only in the adapter's full tensor
+        f = t.files.read(t.full[name], rows).float()
+    else:
+        f = t.tuned(name, a, rows)
+    check_finite(f, name, t.spec)
+    return f
+
+
+def compute(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, gens) -> Tensor:
+    tp = p.plan
+    if not (tp.merge or p.added):
+        return aligned_raw.to(tp.dtype)
+    rows = (p.r0, p.r1)
+    a = None
+    if not p.added:
+        a = aligned_raw.float()
+        check_finite(a, tp.name, plan.aligned.spec)
+    fs = [tuned_rows(t, raw, tp.name, a, rows) for t, raw in zip(plan.tuned, tuned_raw)]
+    if p.added:
+        out = methods.mean(fs)
+    else:
+        out = plan.method(a, fs, gens=gens, **plan.config.params)
+    result = out.to(tp.dtype)
+    if tp.dtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
+        check_range(result, tp)
+    return result
+
+
+def check_range(x: Tensor, tp: TensorPlan) -> None:
+    if not torch.isfinite(x.float()).all():
+        raise SafemergeError(f"merged tensor {tp.name} overflows {str(tp.dtype).removeprefix('torch.')}; use --dtype bfloat16 or float32")
+
+
+def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
+    """Merge every piece in output order; reads run one piece ahead on a worker thread."""
+    work = list(pieces(plan))
+    wants_gens = "gens" in plan.method.takes
+    gens, gens_for = None, None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safemerge-reader") as pool:
+        ahead = [pool.submit(load, plan, p) for p in work[:2]]
+        for i, p in enumerate(work):
+            aligned_raw, tuned_raw = ahead.pop(0).result()
+            if i + 2 < len(work):
+                ahead.append(pool.submit(load, plan, work[i + 2]))
+            if wants_gens and gens_for != p.plan.name:
+                gens, gens_for = dare_generators(plan.config.seed, p.plan.name, len(plan.tuned)), p.plan.name
+            out = compute(plan, p, aligned_raw, tuned_raw, gens)
+            writer.write(p.plan.name, out)
+            if progress:
+                progress(out.numel() * out.element_size())
+
+
+# --- the public entry point ------------------------------------------------------------
+
+
+def merge(
+    aligned: str,
+    finetuned: list[str] | str,
+    out: str | Path,
+    *,
+    method: str = "linear",
+    lam: float | None = None,
+    density: float | None = None,
+    seed: int = 42,
+    dtype: str = "auto",
+    shard_size: str | int = "5GB",
+    keep_aligned: list[str] | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge an aligned model with its fine-tuned version(s) and write a Hugging Face directory.
+
+    ``lam`` (λ) is the weight of the fine-tuned model: linear gives (1-λ)·aligned + λ·finetuned.
+    ``finetuned`` may be model directories, LoRA adapter directories or Hub ids; several are
+    averaged (seeds). Raises ``SafemergeError`` subclasses for every problem a user can cause,
+    leaving nothing at ``out``.
+
+    Example::
+
+        safemerge.merge("Meta-Llama-3-8B-Instruct", ["./sft-seed0"], "./merged", method="linear", lam=0.6)
+    """
+    cfg = validate(
+        MergeConfig, aligned=aligned, finetuned=[finetuned] if isinstance(finetuned, str) else list(finetuned),
+        out=Path(out), method=method, lam=lam, density=density, seed=seed, dtype=dtype, shard_size=shard_size,
+        keep_aligned=keep_aligned or [], force=force, allow_pickle=allow_pickle,
+    )
+    return run(cfg, progress=progress)
+
+
+def run(cfg: MergeConfig, progress: bool = True) -> MergeResult:
+    plan = plan_merge(cfg)
+    try:
+        check_free_space(cfg.out, plan.output_bytes)
+        return write_merge(plan, progress)
+    finally:
+        plan.close()
+
+
+def check_free_space(out: Path, need: int) -> None:
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.02 + (64 << 20):
+        raise SafemergeError(f"the merged model needs {need / 1e9:.2f} GB but {parent} has {free / 1e9:.2f} GB free; free some space or choose another --out")
+
+
+def write_merge(plan: MergePlan, progress: bool) -> MergeResult:
+    from . import card  # noqa: PLC0415  (imported late: the card is needed only here)
+
+    cfg = plan.config
+    metadata = {"format": "pt", "safemerge_version": card.version(), "method": cfg.method,
+                **{k: str(v) for k, v in cfg.params.items()}}
+    entries = [Entry(t.name, t.dtype, t.shape) for t in plan.tensors]
+    with atomic_directory(cfg.out, cfg.force) as tmp:
+        writer = ShardedWriter(tmp, entries, cfg.shard_size, metadata)
+        try:
+            with card.progress_bar(plan.output_bytes, f"{cfg.method} merge", enabled=progress) as advance:
+                stream(plan, writer, advance)
+            weight_map = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        fingerprints = {s.spec: s.fingerprint() for s in (plan.aligned, *plan.tuned)}
+        write_file(tmp / "config.json", card.dump_json(plan.model_config))
+        for f in (*plan.tokenizer, plan.aligned.path / "generation_config.json"):
+            if f.exists():
+                copy_file(f, tmp / f.name)
+        result = MergeResult(
+            Path(os.path.abspath(cfg.out)), cfg.method, cfg.params, fingerprints,
+            sorted(set(weight_map.values())), len(weight_map), plan.notes,
+        )
+        write_file(tmp / "safemerge.json", card.dump_json(card.provenance(cfg, result)))
+        write_file(tmp / "README.md", card.model_card(cfg, result))
+    return result
+
+
+def command_line(cfg: MergeConfig) -> str:
+    """The `safemerge merge` command that reproduces this merge."""
+    args = ["safemerge", "merge", cfg.aligned, *cfg.finetuned, "--out", str(cfg.out), "--method", cfg.method]
+    params = cfg.params
+    if "lam" in params:
+        args += ["--lambda", str(params["lam"])]
+    if "density" in params:
+        args += ["--density", str(params["density"])]
+    if "seed" in params:
+        args += ["--seed", str(params["seed"])]
+    args += ["--dtype", cfg.dtype, "--shard-size", str(cfg.shard_size)]
+    for p in cfg.keep_aligned:
+        args += ["--keep-aligned", p]
+    if cfg.allow_pickle:
+        args.append("--allow-pickle")
+    return shlex.join(args)
