@@ -1,0 +1,445 @@
+"""Merge benchmark: wall time and peak memory of every safemerge method against the I/O floor.
+
+What it measures, on synthetic Llama-shaped bfloat16 models (hidden 2048, vocab 32000,
+intermediate 4096, 16 heads / 8 KV heads, untied lm_head; ~1.5 GB at 16 layers):
+
+* the I/O floor, on the very files the merges read: reading every input model's weight
+  files in full (sequential reads, 64 MiB buffer) plus writing and fsyncing one file the
+  size of the output model;
+* each merge method on the 16-layer pair (model_stock on aligned + two fine-tuned seeds),
+  linear on a 32-layer pair (peak memory should not grow with depth) and linear with a LoRA
+  adapter (r=16 on all 7 linear modules of every layer). Every merge runs as its own
+  `safemerge merge ... --quiet` subprocess; its wall time and peak RSS (ru_maxrss from
+  os.wait4) are recorded, and its output is deleted afterwards.
+
+Page cache: all inputs are read once before anything is timed, and each case's inputs are
+read again just before it (dirty pages are synced too), so the floor and the merges both
+read from a warm cache. The figures are printed, never asserted.
+
+Run it (models are built once into benchmarks/_work/ and reused; ~10 GB of disk):
+
+    python benchmarks/bench_merge.py
+    python benchmarks/bench_merge.py --methods linear,ties --skip-32 --skip-lora --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import safemerge
+
+HERE = Path(__file__).resolve().parent
+HIDDEN, VOCAB, INTERMEDIATE, HEADS, KV_HEADS = 2048, 32000, 4096, 16, 8
+HEAD_DIM = HIDDEN // HEADS
+SHARD_BYTES = 500_000_000
+NOISE = 0.002  # fine-tuned = aligned + NOISE * randn
+LORA_R, LORA_ALPHA = 16, 32
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BUFFER = 64 << 20
+LAMBDA, DENSITY = 0.5, 0.5
+SPEC_VERSION = 1  # bump when the way models are generated changes
+
+
+# --- building the synthetic models ---------------------------------------------------------
+
+
+def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a Llama checkpoint, in the order HF saves them."""
+    kv = KV_HEADS * HEAD_DIM
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)),
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
+    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def generator(tag: str, name: str) -> torch.Generator:
+    """A fixed generator per (model tag, tensor name): any tensor can be regenerated alone."""
+    digest = hashlib.sha256(f"{tag}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def aligned_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 values of the aligned model: N(0, 0.02) weights, norms 1 + N(0, 0.02)."""
+    x = torch.randn(shape, generator=generator("aligned", name)).mul_(0.02)
+    x = x.add_(1.0) if len(shape) == 1 else x
+    return x.to(torch.bfloat16).float()  # exactly what the aligned file holds
+
+
+def finetuned_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    noise = torch.randn(shape, generator=generator(f"seed{seed}", name))
+    return aligned_tensor(name, shape).add_(noise, alpha=NOISE)
+
+
+def shard_groups(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int = 2) -> list[list[tuple]]:
+    groups, size = [[]], 0
+    for name, shape in tensors:
+        nbytes = itemsize * torch.Size(shape).numel()
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    return groups
+
+
+def model_config(layers: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "bfloat16",
+        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_model(tmp: Path, layers: int, seed: int | None) -> None:
+    """Write one model, one ~500 MB shard at a time; seed None is the aligned model."""
+    groups = shard_groups(llama_tensors(layers))
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, 1):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name, shape in group:
+            x = aligned_tensor(name, shape) if seed is None else finetuned_tensor(name, shape, seed)
+            shard[name] = x.to(torch.bfloat16)
+            weight_map[name] = file
+            total += shard[name].numel() * 2
+        save_file(shard, tmp / file, metadata={"format": "pt"})
+        del shard
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(tmp / "config.json", model_config(layers))
+    write_json(tmp / "tokenizer_config.json", {"model_max_length": 4096, "bos_token": "<s>", "eos_token": "</s>"})
+
+
+def build_lora(tmp: Path, layers: int) -> None:
+    """A PEFT LoRA adapter on every linear module of every layer, random small A and B."""
+    shapes = dict(llama_tensors(layers))
+    tensors = {}
+    for i in range(layers):
+        for module in LINEAR_MODULES:
+            block = "self_attn" if module in LINEAR_MODULES[:4] else "mlp"
+            target = f"model.layers.{i}.{block}.{module}"
+            out_dim, in_dim = shapes[target + ".weight"]
+            key = f"base_model.model.{target}"
+            a = torch.randn((LORA_R, in_dim), generator=generator("lora_A", target)).mul_(0.01)
+            b = torch.randn((out_dim, LORA_R), generator=generator("lora_B", target)).mul_(0.01)
+            tensors[key + ".lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[key + ".lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_json(tmp / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "aligned",
+        "r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": list(LINEAR_MODULES), "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": True,
+    })
+
+
+def ensure(path: Path, spec: dict, build, rebuild: bool) -> Path:
+    """Build into path unless it already holds a complete build of the same spec."""
+    stamp = path / "bench_spec.json"
+    if not rebuild and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return path
+    print(f"building {path.name} ({spec}) ...", flush=True)
+    started = time.perf_counter()
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = path.with_name(path.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    write_json(tmp / "bench_spec.json", spec)  # written last: marks a complete build
+    tmp.rename(path)
+    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+    return path
+
+
+def ensure_model(workdir: Path, name: str, layers: int, seed: int | None, rebuild: bool) -> Path:
+    spec = {"version": SPEC_VERSION, "kind": "model", "layers": layers, "seed": seed, "noise": NOISE}
+    return ensure(workdir / name, spec, lambda tmp: build_model(tmp, layers, seed), rebuild)
+
+
+def ensure_lora(workdir: Path, rebuild: bool) -> Path:
+    spec = {"version": SPEC_VERSION, "kind": "lora", "layers": 16, "r": LORA_R, "alpha": LORA_ALPHA}
+    return ensure(workdir / "lora", spec, lambda tmp: build_lora(tmp, 16), rebuild)
+
+
+# --- the I/O floor ----------------------------------------------------------------------------
+
+
+def weight_files(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+def weight_bytes(model: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(model))
+
+
+def read_all(model: Path) -> float:
+    """Seconds to read every weight file of a model sequentially."""
+    buf = memoryview(bytearray(BUFFER))
+    started = time.perf_counter()
+    for f in weight_files(model):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - started
+
+
+def write_synced(path: Path, size: int) -> float:
+    """Seconds to write ``size`` bytes to a new file and fsync it; the file is deleted."""
+    chunk = memoryview(os.urandom(BUFFER))
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left:
+            left -= os.write(fd, chunk[: min(left, BUFFER)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def settle(models: list[Path]) -> None:
+    """Comparable cache conditions: inputs in the page cache, no dirty pages waiting."""
+    for m in models:
+        read_all(m)
+    os.sync()
+
+
+@dataclass
+class Floor:
+    reads: dict[Path, float]  # best read time of each input
+    writes: dict[Path, float]  # best write+fsync time of an output the size of this model
+
+    def of(self, inputs: list[Path], size_of: Path) -> float:
+        return sum(self.reads[m] for m in inputs) + self.writes[size_of]
+
+
+def measure_floor(workdir: Path, inputs: list[Path], outputs: list[Path], repeat: int) -> Floor:
+    reads = {m: min(read_all(m) for _ in range(repeat)) for m in inputs}
+    writes = {}
+    for m in outputs:
+        os.sync()
+        writes[m] = min(write_synced(workdir / "floor.bin", weight_bytes(m)) for _ in range(repeat))
+    return Floor(reads, writes)
+
+
+# --- timing the merges ----------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    aligned: Path
+    tuned: list[Path]
+    size_of: Path  # the model whose size the output has
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [self.aligned, *self.tuned]
+
+
+@dataclass
+class Result:
+    case: Case
+    wall: float | None  # None: the merge failed
+    rss_mb: float
+    floor: float
+    error: str = ""
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).with_name("safemerge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "safemerge"]
+
+
+def merge_command(case: Case, out: Path) -> list[str]:
+    takes = safemerge.METHODS[case.method].takes
+    args = [*cli(), "merge", str(case.aligned), *map(str, case.tuned), "--out", str(out), "--method", case.method]
+    args += ["--lambda", str(LAMBDA)] if "lam" in takes else []
+    args += ["--density", str(DENSITY)] if "density" in takes else []
+    return args + ["--quiet"]
+
+
+def run_child(args: list[str], log: Path) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MB (ru_maxrss is in KB on Linux) and exit status of a child."""
+    with open(log, "wb") as out:
+        started = time.perf_counter()
+        child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    return wall, usage.ru_maxrss / 1024, child.returncode
+
+
+def time_case(case: Case, floor: Floor, workdir: Path, repeat: int) -> Result:
+    out, log = workdir / "out" / case.name.replace(" ", "_"), workdir / "merge.log"
+    walls, rss = [], 0.0
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        settle(case.inputs)
+        wall, peak, code = run_child(merge_command(case, out), log)
+        shutil.rmtree(out, ignore_errors=True)
+        rss = max(rss, peak)
+        if code != 0:
+            return Result(case, None, rss, floor.of(case.inputs, case.size_of), log.read_text().strip()[-500:])
+        walls.append(wall)
+    return Result(case, min(walls), rss, floor.of(case.inputs, case.size_of))
+
+
+def startup_seconds(workdir: Path) -> float:
+    """The fixed cost in every wall time: starting Python and importing torch and safemerge."""
+    return min(run_child([*cli(), "methods"], workdir / "merge.log")[0] for _ in range(2))
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def label(case: Case) -> str:
+    return " + ".join(p.name for p in case.inputs)
+
+
+def table(results: list[Result]) -> str:
+    rows = [("case", "inputs", "wall s", "peak RSS MB", "I/O floor s", "wall/floor")]
+    for r in results:
+        if r.wall is None:
+            rows.append((r.case.name, label(r.case), "FAILED", f"{r.rss_mb:.0f}", f"{r.floor:.2f}", "-"))
+        else:
+            rows.append((r.case.name, label(r.case), f"{r.wall:.2f}", f"{r.rss_mb:.0f}", f"{r.floor:.2f}", f"{r.wall / r.floor:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def verdicts(results: list[Result]) -> list[str]:
+    lines = []
+    for r in results:
+        if r.wall is None:
+            lines.append(f"{r.case.name}: FAILED: {r.error}")
+            continue
+        ratio = r.wall / r.floor
+        ok = ratio <= 2.0
+        if r.case.method == "linear":
+            ok = ratio <= 1.3 and r.rss_mb < 1024
+        if not ok:
+            lines.append(f"{r.case.name}: misses its target ({ratio:.2f}x the floor, {r.rss_mb:.0f} MB)")
+    return lines or ["all targets met"]
+
+
+def floor_parts(floor: Floor) -> str:
+    reads = ", ".join(f"{p.name} {t:.2f} s" for p, t in floor.reads.items())
+    writes = ", ".join(f"{weight_bytes(p) / 1e9:.2f} GB {t:.2f} s" for p, t in floor.writes.items())
+    return f"floor parts: read {reads}; write+fsync {writes}"
+
+
+def header(startup: float, sizes: dict[str, int]) -> str:
+    size_text = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items())
+    return "\n".join([
+        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, python {sys.version.split()[0]}, "
+        f"safemerge {version('safemerge')}, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM",
+        "targets: linear within 1.3x the I/O floor with peak RSS under 1 GB (1024 MB); every method within 2x the floor",
+        f"models (bf16 weights): {size_text}; lambda {LAMBDA}, density {DENSITY} where taken",
+        "page cache: warm; inputs read before anything is timed and again before each case, so floor and merges both read from cache",
+        "I/O floor = read every input's weight files + write and fsync one file of the output's size",
+        f"wall includes CLI start-up (python + torch import): {startup:.2f} s; peak RSS is ru_maxrss of the child",
+    ])
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=HERE / "_work", help="where models are built and merged (default %(default)s)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the models even if a matching build exists")
+    p.add_argument("--methods", default=",".join(safemerge.METHODS), help="comma list of methods for the 16-layer pair (default all)")
+    p.add_argument("--skip-32", action="store_true", help="skip linear on the 32-layer pair")
+    p.add_argument("--skip-lora", action="store_true", help="skip linear with the LoRA adapter")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case; the best wall time is reported (default 1)")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in safemerge.METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(safemerge.METHODS)}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def plan_cases(args, workdir: Path) -> list[Case]:
+    """Build (or reuse) the models the chosen cases need and list the cases."""
+    model = lambda name, layers, seed: ensure_model(workdir, name, layers, seed, args.rebuild)  # noqa: E731
+    aligned, seed0 = model("aligned", 16, None), model("seed0", 16, 0)
+    cases = []
+    for m in args.methods:
+        tuned = [seed0, model("seed1", 16, 1)] if safemerge.METHODS[m].min_models > 1 else [seed0]
+        cases.append(Case(m, m, aligned, tuned, aligned))
+    if not args.skip_32:
+        aligned32 = model("aligned32", 32, None)
+        cases.append(Case("linear 32L", "linear", aligned32, [model("seed0_32", 32, 0)], aligned32))
+    if not args.skip_lora:
+        cases.append(Case("linear LoRA", "linear", aligned, [ensure_lora(workdir, args.rebuild)], aligned))
+    return cases
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cases = plan_cases(args, workdir)
+    inputs = list(dict.fromkeys(p for c in cases for p in c.inputs))
+    outputs = list(dict.fromkeys(c.size_of for c in cases))
+    print("warming the page cache ...", flush=True)
+    settle(inputs)
+    floor = measure_floor(workdir, inputs, outputs, args.repeat)
+    startup = startup_seconds(workdir)
+    results = []
+    for case in cases:
+        print(f"merging: {case.name} ({label(case)}) ...", flush=True)
+        results.append(time_case(case, floor, workdir, args.repeat))
+    sizes = {p.name: weight_bytes(p) for p in inputs}
+    print()
+    print(header(startup, sizes))
+    print(floor_parts(floor))
+    print(f"runs per case: {args.repeat}" + (" (best wall time, highest peak RSS)" if args.repeat > 1 else ""))
+    print()
+    print(table(results))
+    print()
+    for line in verdicts(results):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

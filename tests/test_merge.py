@@ -1,0 +1,185 @@
+"""End-to-end merges of tiny real models, checked against an independent reference."""
+
+import importlib
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import safemerge
+from safemerge import METHODS
+from reference import assert_matches, load_state, reference
+
+engine = importlib.import_module("safemerge.merge")  # the module, not the function
+
+KINDS = ["llama", "qwen2", "gemma"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def fine_tunes(paths, method, several):
+    count = 3 if several or METHODS[method].min_models > 1 else 1
+    return [paths[f"seed{i}"] for i in range(count)]
+
+
+def params(method):
+    takes = METHODS[method].takes
+    return {k: v for k, v in {"lam": 0.6, "density": 0.4}.items() if k in takes}
+
+
+def check_against_reference(out, aligned, tuned, method, **p):
+    a_state = load_state(aligned)
+    t_states = [load_state(t) for t in tuned]
+    ours = load_state(out)
+    assert set(ours) == set(a_state)
+    exact = 0
+    for name, a in a_state.items():
+        ref = reference(method, name, a, [t[name] for t in t_states], **p)
+        assert ours[name].dtype == a.dtype
+        exact += assert_matches(ours[name], ref, name)
+    if next(iter(a_state.values())).dtype != torch.float32:
+        assert exact / sum(t.numel() for t in a_state.values()) > 0.98
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one", "three"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_matches_the_reference(models, tmp_path, method, kind, dtype, several):
+    paths = models[kind, dtype]
+    if several is False and METHODS[method].min_models > 1:
+        pytest.skip(f"{method} needs several fine-tuned models")
+    tuned = fine_tunes(paths, method, several)
+    out = tmp_path / "out"
+    safemerge.merge(str(paths["aligned"]), [str(t) for t in tuned], out, method=method, progress=False, **params(method))
+    p = params(method) | ({"seed": 42} if "gens" in METHODS[method].takes else {})
+    check_against_reference(out, paths["aligned"], tuned, method, **p)
+
+
+@pytest.mark.parametrize("method", [n for n, m in METHODS.items() if m.elementwise])
+def test_streaming_in_small_chunks_matches_the_reference(models, tmp_path, monkeypatch, method):
+    # real models are streamed in row chunks; tiny ones fit one chunk unless we shrink it
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
+    paths = models["qwen2", torch.bfloat16]
+    tuned = [paths["seed0"], paths["seed1"]]
+    out = tmp_path / "out"
+    safemerge.merge(str(paths["aligned"]), [str(t) for t in tuned], out, method=method, progress=False, **params(method))
+    p = params(method) | ({"seed": 42} if "gens" in METHODS[method].takes else {})
+    check_against_reference(out, paths["aligned"], tuned, method, **p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_loads_with_transformers_and_generates(models, tmp_path, kind, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = models[kind, dtype]
+    out = tmp_path / "merged"
+    safemerge.merge(str(paths["aligned"]), [str(paths["seed0"])], out, method="slerp", lam=0.3, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.dtype == dtype
+    prompt = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|assistant|>")
+    original = AutoTokenizer.from_pretrained(paths["aligned"])
+    assert tok("w1 w2 w3 w7") == original("w1 w2 w3 w7")
+    ids = torch.tensor([[1, 5, 9, 17]])
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 5)
+    # the loaded weights are the merged ones, not re-initialised
+    merged = load_state(out)
+    for name, p in model.state_dict().items():
+        if name in merged:
+            assert torch.equal(p, merged[name]), name
+    if kind == "gemma":  # tied embeddings stay tied
+        assert "lm_head.weight" not in merged and model.config.tie_word_embeddings
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_shards_index_and_config(models, tmp_path):
+    paths = models["llama", torch.bfloat16]
+    out = tmp_path / "merged"
+    result = safemerge.merge(str(paths["aligned"]), [str(paths["seed0"])], out, shard_size="20KB", dtype="float32", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files == result.files
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    sizes = [(out / f).stat().st_size for f in files]
+    merged = load_state(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in merged.values())
+    assert all(t.dtype == torch.float32 for t in merged.values())
+    assert max(sizes) < 20_000 + 2 * max(t.numel() * 4 for t in merged.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    a, f = load_state(paths["aligned"]), load_state(paths["seed0"])
+    for name in a:
+        assert_matches(merged[name], reference("linear", name, a[name], [f[name]]), name)
+
+
+def test_keep_aligned_copies_those_tensors_bit_for_bit(models, tmp_path):
+    paths = models["llama", torch.bfloat16]
+    out = tmp_path / "merged"
+    safemerge.merge(str(paths["aligned"]), [str(paths["seed0"])], out, keep_aligned=[r"norm\.weight$", "embed"], progress=False)
+    a, merged = load_state(paths["aligned"]), load_state(out)
+    kept = [n for n in a if n.endswith("norm.weight") or "embed" in n]
+    assert kept and all(torch.equal(merged[n], a[n]) for n in kept)
+    assert not torch.equal(merged["lm_head.weight"], a["lm_head.weight"])
+
+
+def test_fingerprints_ignore_sharding_and_see_content(models, tmp_path):
+    paths = models["llama", torch.float32]
+    resharded = tmp_path / "resharded"
+    safemerge.merge(str(paths["aligned"]), [str(paths["aligned"])], resharded, shard_size="30KB", progress=False)
+    one = safemerge.merge(str(paths["aligned"]), [str(paths["seed0"])], tmp_path / "a", progress=False).fingerprints
+    two = safemerge.merge(str(resharded), [str(paths["seed1"])], tmp_path / "b", progress=False).fingerprints
+    assert one[str(paths["aligned"])] == two[str(resharded)]  # same weights, other files
+    assert one[str(paths["seed0"])] != two[str(paths["seed1"])]
+    assert one[str(paths["aligned"])] != one[str(paths["seed0"])]
+
+
+def test_model_card_records_provenance_and_its_command_reproduces_the_merge(models, tmp_path):
+    paths = models["qwen2", torch.bfloat16]
+    out = tmp_path / "merged"
+    tuned = [str(paths["seed0"]), str(paths["seed1"])]
+    result = safemerge.merge(str(paths["aligned"]), tuned, out, method="dare_ties", lam=0.7, density=0.3, seed=7, progress=False)
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert f'base_model: "{paths["aligned"]}"' in front and "- merge" in front and "- safemerge" in front
+    for text in ("dare_ties", "0.7", "0.3", "| seed | 7 |", result.fingerprints[tuned[1]], safemerge_version()):
+        assert text in card
+    record = json.loads((out / "safemerge.json").read_text())
+    assert record["parameters"] == {"lam": 0.7, "density": 0.3, "seed": 7}
+    command = shlex.split(record["command"])
+    assert command[:2] == ["safemerge", "merge"] and record["command"] in card
+    again = tmp_path / "again"
+    command[command.index("--out") + 1] = str(again)
+    subprocess.run([sys.executable, "-m", "safemerge", *command[1:], "--quiet"], check=True)
+    first, second = load_state(out), load_state(again)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_cli_merges_and_says_where(models, tmp_path):
+    paths = models["gemma", torch.float32]
+    out = tmp_path / "cli"
+    run = subprocess.run(
+        [sys.executable, "-m", "safemerge", "merge", str(paths["aligned"]), str(paths["seed0"]), str(paths["seed1"]),
+         "--out", str(out), "--method", "model_stock", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout
+    check_against_reference(out, paths["aligned"], [paths["seed0"], paths["seed1"]], "model_stock")
+
+
+def test_help_texts_say_what_lambda_means():
+    run = subprocess.run([sys.executable, "-m", "safemerge", "merge", "--help"], capture_output=True, text=True)
+    assert "weight of the FINE-TUNED model" in " ".join(run.stdout.split())
+    listing = subprocess.run([sys.executable, "-m", "safemerge", "methods"], capture_output=True, text=True).stdout
+    assert all(name in listing for name in METHODS)
+
+
+def safemerge_version():
+    from safemerge.card import version
+
+    return version()
