@@ -27,19 +27,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from importlib.metadata import version
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-import safemerge
+# No torch (nor safemerge) at module level: this process must stay small. A child's
+# ru_maxrss is at least its parent's peak RSS at spawn time (Linux records the old address
+# space's high-water mark at exec), so building models here would inflate every merge's
+# figure. Models are built, and versions looked up, in a spawned worker process.
 
 HERE = Path(__file__).resolve().parent
 HIDDEN, VOCAB, INTERMEDIATE, HEADS, KV_HEADS = 2048, 32000, 4096, 16, 8
@@ -48,12 +51,12 @@ SHARD_BYTES = 500_000_000
 NOISE = 0.002  # fine-tuned = aligned + NOISE * randn
 LORA_R, LORA_ALPHA = 16, 32
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BUFFER = 64 << 20
+BUFFER = 16 << 20  # sequential I/O buffer of the floor measurement
 LAMBDA, DENSITY = 0.5, 0.5
 SPEC_VERSION = 1  # bump when the way models are generated changes
 
 
-# --- building the synthetic models ---------------------------------------------------------
+# --- building the synthetic models (run in the worker process) ------------------------------
 
 
 def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -76,28 +79,32 @@ def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
-def generator(tag: str, name: str) -> torch.Generator:
-    """A fixed generator per (model tag, tensor name): any tensor can be regenerated alone."""
+def randn(shape: tuple[int, ...], tag: str, name: str):
+    """Standard normal values fixed by (tag, tensor name): any tensor can be regenerated alone."""
+    import torch
+
     digest = hashlib.sha256(f"{tag}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
 
 
-def aligned_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 values of the aligned model: N(0, 0.02) weights, norms 1 + N(0, 0.02)."""
-    x = torch.randn(shape, generator=generator("aligned", name)).mul_(0.02)
-    x = x.add_(1.0) if len(shape) == 1 else x
-    return x.to(torch.bfloat16).float()  # exactly what the aligned file holds
+def model_tensor(name: str, shape: tuple[int, ...], seed: int | None):
+    """bf16 tensor of the aligned model (seed None: N(0, 0.02) weights, norms 1 + N(0, 0.02))
+    or of fine-tune ``seed`` (the aligned values + NOISE·N(0, 1))."""
+    import torch
 
-
-def finetuned_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    noise = torch.randn(shape, generator=generator(f"seed{seed}", name))
-    return aligned_tensor(name, shape).add_(noise, alpha=NOISE)
+    x = randn(shape, "aligned", name).mul_(0.02)
+    if len(shape) == 1:
+        x.add_(1.0)
+    if seed is not None:
+        x = x.to(torch.bfloat16).float().add_(randn(shape, f"seed{seed}", name), alpha=NOISE)
+    return x.to(torch.bfloat16)
 
 
 def shard_groups(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int = 2) -> list[list[tuple]]:
+    """Greedy groups of consecutive tensors of about SHARD_BYTES each."""
     groups, size = [[]], 0
     for name, shape in tensors:
-        nbytes = itemsize * torch.Size(shape).numel()
+        nbytes = itemsize * math.prod(shape)
         if groups[-1] and size + nbytes > SHARD_BYTES:
             groups.append([])
             size = 0
@@ -122,17 +129,16 @@ def write_json(path: Path, data: dict) -> None:
 
 def build_model(tmp: Path, layers: int, seed: int | None) -> None:
     """Write one model, one ~500 MB shard at a time; seed None is the aligned model."""
+    from safetensors.torch import save_file
+
     groups = shard_groups(llama_tensors(layers))
     weight_map, total = {}, 0
     for i, group in enumerate(groups, 1):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        shard = {}
-        for name, shape in group:
-            x = aligned_tensor(name, shape) if seed is None else finetuned_tensor(name, shape, seed)
-            shard[name] = x.to(torch.bfloat16)
-            weight_map[name] = file
-            total += shard[name].numel() * 2
+        shard = {name: model_tensor(name, shape, seed) for name, shape in group}
         save_file(shard, tmp / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
         del shard
     write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(tmp / "config.json", model_config(layers))
@@ -141,6 +147,9 @@ def build_model(tmp: Path, layers: int, seed: int | None) -> None:
 
 def build_lora(tmp: Path, layers: int) -> None:
     """A PEFT LoRA adapter on every linear module of every layer, random small A and B."""
+    import torch
+    from safetensors.torch import save_file
+
     shapes = dict(llama_tensors(layers))
     tensors = {}
     for i in range(layers):
@@ -149,10 +158,8 @@ def build_lora(tmp: Path, layers: int) -> None:
             target = f"model.layers.{i}.{block}.{module}"
             out_dim, in_dim = shapes[target + ".weight"]
             key = f"base_model.model.{target}"
-            a = torch.randn((LORA_R, in_dim), generator=generator("lora_A", target)).mul_(0.01)
-            b = torch.randn((out_dim, LORA_R), generator=generator("lora_B", target)).mul_(0.01)
-            tensors[key + ".lora_A.weight"] = a.to(torch.bfloat16)
-            tensors[key + ".lora_B.weight"] = b.to(torch.bfloat16)
+            tensors[key + ".lora_A.weight"] = randn((LORA_R, in_dim), "lora_A", target).mul_(0.01).to(torch.bfloat16)
+            tensors[key + ".lora_B.weight"] = randn((out_dim, LORA_R), "lora_B", target).mul_(0.01).to(torch.bfloat16)
     save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     write_json(tmp / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "aligned",
@@ -162,32 +169,34 @@ def build_lora(tmp: Path, layers: int) -> None:
     })
 
 
-def ensure(path: Path, spec: dict, build, rebuild: bool) -> Path:
-    """Build into path unless it already holds a complete build of the same spec."""
+def environment() -> dict:
+    """Versions and the merge methods with what each takes (looked up in the worker)."""
+    from importlib.metadata import version
+
+    import torch
+
+    import safemerge
+
+    methods = {m.name: {"takes": sorted(m.takes), "min_models": m.min_models} for m in safemerge.METHODS.values()}
+    return {"torch": str(torch.__version__), "safemerge": version("safemerge"), "methods": methods}
+
+
+def ensure(pool: ProcessPoolExecutor, path: Path, spec: dict, build, *args, rebuild: bool) -> Path:
+    """Build into path (in the worker) unless it holds a complete build of the same spec."""
     stamp = path / "bench_spec.json"
     if not rebuild and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return path
-    print(f"building {path.name} ({spec}) ...", flush=True)
+    print(f"building {path.name} {spec} ...", flush=True)
     started = time.perf_counter()
     shutil.rmtree(path, ignore_errors=True)
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build(tmp)
+    pool.submit(build, tmp, *args).result()
     write_json(tmp / "bench_spec.json", spec)  # written last: marks a complete build
     tmp.rename(path)
     print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
     return path
-
-
-def ensure_model(workdir: Path, name: str, layers: int, seed: int | None, rebuild: bool) -> Path:
-    spec = {"version": SPEC_VERSION, "kind": "model", "layers": layers, "seed": seed, "noise": NOISE}
-    return ensure(workdir / name, spec, lambda tmp: build_model(tmp, layers, seed), rebuild)
-
-
-def ensure_lora(workdir: Path, rebuild: bool) -> Path:
-    spec = {"version": SPEC_VERSION, "kind": "lora", "layers": 16, "r": LORA_R, "alpha": LORA_ALPHA}
-    return ensure(workdir / "lora", spec, lambda tmp: build_lora(tmp, 16), rebuild)
 
 
 # --- the I/O floor ----------------------------------------------------------------------------
@@ -264,6 +273,7 @@ class Case:
     aligned: Path
     tuned: list[Path]
     size_of: Path  # the model whose size the output has
+    params: list[str] = field(default_factory=list)  # --lambda / --density, as the method takes
 
     @property
     def inputs(self) -> list[Path]:
@@ -284,12 +294,13 @@ def cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "safemerge"]
 
 
+def method_params(takes: list[str]) -> list[str]:
+    return (["--lambda", str(LAMBDA)] if "lam" in takes else []) + (["--density", str(DENSITY)] if "density" in takes else [])
+
+
 def merge_command(case: Case, out: Path) -> list[str]:
-    takes = safemerge.METHODS[case.method].takes
-    args = [*cli(), "merge", str(case.aligned), *map(str, case.tuned), "--out", str(out), "--method", case.method]
-    args += ["--lambda", str(LAMBDA)] if "lam" in takes else []
-    args += ["--density", str(DENSITY)] if "density" in takes else []
-    return args + ["--quiet"]
+    inputs = [str(p) for p in case.inputs]
+    return [*cli(), "merge", *inputs, "--out", str(out), "--method", case.method, *case.params, "--quiet"]
 
 
 def run_child(args: list[str], log: Path) -> tuple[float, float, int]:
@@ -364,16 +375,23 @@ def floor_parts(floor: Floor) -> str:
     return f"floor parts: read {reads}; write+fsync {writes}"
 
 
-def header(startup: float, sizes: dict[str, int]) -> str:
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def header(env: dict, startup: float, sizes: dict[str, int]) -> str:
     size_text = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sizes.items())
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     return "\n".join([
-        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, python {sys.version.split()[0]}, "
-        f"safemerge {version('safemerge')}, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM",
+        f"machine: {os.cpu_count()} CPU cores, {ram:.0f} GiB RAM, torch {env['torch']}, python {sys.version.split()[0]}, "
+        f"safemerge {env['safemerge']}",
         "targets: linear within 1.3x the I/O floor with peak RSS under 1 GB (1024 MB); every method within 2x the floor",
         f"models (bf16 weights): {size_text}; lambda {LAMBDA}, density {DENSITY} where taken",
         "page cache: warm; inputs read before anything is timed and again before each case, so floor and merges both read from cache",
         "I/O floor = read every input's weight files + write and fsync one file of the output's size",
-        f"wall includes CLI start-up (python + torch import): {startup:.2f} s; peak RSS is ru_maxrss of the child",
+        f"wall includes CLI start-up (python + torch import): {startup:.2f} s",
+        f"peak RSS: ru_maxrss of the merge process (os.wait4); this benchmark process peaked at {peak_rss_mb():.0f} MB, "
+        "a lower bound of any child's figure",
     ])
 
 
@@ -384,41 +402,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=HERE / "_work", help="where models are built and merged (default %(default)s)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the models even if a matching build exists")
-    p.add_argument("--methods", default=",".join(safemerge.METHODS), help="comma list of methods for the 16-layer pair (default all)")
+    p.add_argument("--methods", default="", help="comma list of methods for the 16-layer pair (default all)")
     p.add_argument("--skip-32", action="store_true", help="skip linear on the 32-layer pair")
     p.add_argument("--skip-lora", action="store_true", help="skip linear with the LoRA adapter")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the best wall time is reported (default 1)")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in safemerge.METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(safemerge.METHODS)}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return args
 
 
-def plan_cases(args, workdir: Path) -> list[Case]:
+def chosen_methods(args, env: dict) -> list[str]:
+    unknown = [m for m in args.methods if m not in env["methods"]]
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(env['methods'])}")
+    return args.methods or list(env["methods"])
+
+
+def plan_cases(args, env: dict, workdir: Path, pool: ProcessPoolExecutor) -> list[Case]:
     """Build (or reuse) the models the chosen cases need and list the cases."""
-    model = lambda name, layers, seed: ensure_model(workdir, name, layers, seed, args.rebuild)  # noqa: E731
+
+    def model(name: str, layers: int, seed: int | None) -> Path:
+        spec = {"version": SPEC_VERSION, "kind": "model", "layers": layers, "seed": seed, "noise": NOISE}
+        return ensure(pool, workdir / name, spec, build_model, layers, seed, rebuild=args.rebuild)
+
     aligned, seed0 = model("aligned", 16, None), model("seed0", 16, 0)
+    linear = method_params(env["methods"]["linear"]["takes"])
     cases = []
-    for m in args.methods:
-        tuned = [seed0, model("seed1", 16, 1)] if safemerge.METHODS[m].min_models > 1 else [seed0]
-        cases.append(Case(m, m, aligned, tuned, aligned))
+    for m in chosen_methods(args, env):
+        info = env["methods"][m]
+        tuned = [seed0, model("seed1", 16, 1)] if info["min_models"] > 1 else [seed0]
+        cases.append(Case(m, m, aligned, tuned, aligned, method_params(info["takes"])))
     if not args.skip_32:
         aligned32 = model("aligned32", 32, None)
-        cases.append(Case("linear 32L", "linear", aligned32, [model("seed0_32", 32, 0)], aligned32))
+        cases.append(Case("linear 32L", "linear", aligned32, [model("seed0_32", 32, 0)], aligned32, linear))
     if not args.skip_lora:
-        cases.append(Case("linear LoRA", "linear", aligned, [ensure_lora(workdir, args.rebuild)], aligned))
+        spec = {"version": SPEC_VERSION, "kind": "lora", "layers": 16, "r": LORA_R, "alpha": LORA_ALPHA}
+        lora = ensure(pool, workdir / "lora", spec, build_lora, 16, rebuild=args.rebuild)
+        cases.append(Case("linear LoRA", "linear", aligned, [lora], aligned, linear))
     return cases
+
+
+def report(env: dict, startup: float, floor: Floor, results: list[Result], inputs: list[Path], repeat: int) -> None:
+    print()
+    print(header(env, startup, {p.name: weight_bytes(p) for p in inputs}))
+    print(floor_parts(floor))
+    print(f"runs per case: {repeat}" + (" (best wall time, highest peak RSS)" if repeat > 1 else ""))
+    print()
+    print(table(results))
+    print()
+    print("\n".join(verdicts(results)))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cases = plan_cases(args, workdir)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        env = pool.submit(environment).result()
+        cases = plan_cases(args, env, workdir, pool)
     inputs = list(dict.fromkeys(p for c in cases for p in c.inputs))
     outputs = list(dict.fromkeys(c.size_of for c in cases))
     print("warming the page cache ...", flush=True)
@@ -429,16 +472,7 @@ def main(argv=None) -> None:
     for case in cases:
         print(f"merging: {case.name} ({label(case)}) ...", flush=True)
         results.append(time_case(case, floor, workdir, args.repeat))
-    sizes = {p.name: weight_bytes(p) for p in inputs}
-    print()
-    print(header(startup, sizes))
-    print(floor_parts(floor))
-    print(f"runs per case: {args.repeat}" + (" (best wall time, highest peak RSS)" if args.repeat > 1 else ""))
-    print()
-    print(table(results))
-    print()
-    for line in verdicts(results):
-        print(line)
+    report(env, startup, floor, results, inputs, args.repeat)
 
 
 if __name__ == "__main__":

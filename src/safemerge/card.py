@@ -21,7 +21,7 @@ def dump_json(data) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
-def provenance(cfg, result) -> dict:
+def provenance(cfg, result, invoked_as: str | None = None) -> dict:
     """Every setting that produced the merge, as data (safemerge.json)."""
     from .merge import command_line
 
@@ -37,10 +37,11 @@ def provenance(cfg, result) -> dict:
         "finetuned": [{"source": f, "fingerprint": result.fingerprints[f]} for f in cfg.finetuned],
         "notes": result.notes,
         "command": command_line(cfg),
+        "invoked_as": invoked_as,
     }
 
 
-def model_card(cfg, result) -> str:
+def model_card(cfg, result, invoked_as: str | None = None) -> str:
     from .merge import command_line
 
     m = methods.METHODS[cfg.method]
@@ -50,6 +51,7 @@ def model_card(cfg, result) -> str:
         + [f"| fine-tuned {i + 1} | `{f}` | `{result.fingerprints[f]}` |" for i, f in enumerate(cfg.finetuned)]
     )
     notes = "".join(f"- {n}\n" for n in result.notes) or "- none\n"
+    ran = f"\nThe command that was run:\n\n```bash\n{invoked_as}\n```\n" if invoked_as else ""
     return f"""---
 base_model: {json.dumps(cfg.aligned)}
 tags:
@@ -85,13 +87,13 @@ that fine-tuning erodes while keeping the task gain.
 ```bash
 {command_line(cfg)}
 ```
-"""
+{ran}"""
 
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True):
     """Yield ``advance(nbytes)``; draws a bytes/ETA bar on stderr when enabled and a terminal."""
-    if not enabled:
+    if not (enabled and sys.stderr.isatty()):
         yield lambda n: None
         return
     from rich.console import Console
@@ -100,7 +102,7 @@ def progress_bar(total: int, description: str, enabled: bool = True):
     console = Console(stderr=True)
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=console, transient=not sys.stderr.isatty(),
+        TimeRemainingColumn(), console=console,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

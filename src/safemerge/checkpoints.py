@@ -14,7 +14,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{corrupt} (unreadable header); it is corrupt, re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{corrupt} (its header is not a JSON object); it is corrupt, re-download it")
     metadata = header.pop("__metadata__", None) or {}
     data_start, data_size = 8 + n, size - 8 - n
     infos = {}
@@ -102,7 +106,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            if not 0 <= begin <= end:
+                raise ValueError
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CheckpointError(f"{corrupt} (bad header entry for tensor {name!r}); re-download it") from None
         if end > data_size:
             raise CheckpointError(
@@ -147,10 +153,17 @@ class TensorFiles:
                 f"{path} is a pickle checkpoint, which can run code when loaded; convert it to safetensors, "
                 "or pass --allow-pickle to load it with torch.load(weights_only=True)"
             )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for bad pickles
-            raise CheckpointError(f"cannot load {path} with weights_only=True: {str(e).splitlines()[0]}") from None
+        try:  # mmap needs the zip format; legacy torch.save files are read whole
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors{what}, which weights_only=True refuses "
+                "because loading them may run code; convert it to safetensors where you trust it"
+            ) from None
+        except Exception as e:  # torch raises many types for broken files
+            raise CheckpointError(f"cannot load {path} with weights_only=True: {str(e).splitlines()[0]}; re-download or convert it") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
@@ -423,7 +436,7 @@ def open_adapter(path: Path, spec: str, allow_pickle: bool) -> LoraAdapter:
 # --- resolving what the user typed ------------------------------------------------------
 
 
-def resolve(spec: str) -> Path:
+def resolve(spec: str, allow_pickle: bool = False) -> Path:
     """A local directory as given, or a Hub id downloaded (weights, configs, tokenizer only)."""
     path = Path(spec).expanduser()
     if path.exists():
@@ -435,14 +448,15 @@ def resolve(spec: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.bin"] if allow_pickle else [])
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # hub errors come in many types
         raise CheckpointError(f"{spec} is not a local directory and could not be fetched from the Hub: {str(e).splitlines()[0]}") from None
 
 
 def open_source(spec: str, *, allow_pickle: bool = False) -> Checkpoint | LoraAdapter:
     """Open a model directory or LoRA adapter (local path or Hub id), headers only."""
-    path = resolve(spec)
+    path = resolve(spec, allow_pickle)
     if (path / "adapter_config.json").exists():
         return open_adapter(path, spec, allow_pickle)
     if (path / "config.json").exists() or weight_files(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def merge(
 
     result = guarded(debug, run_merge, aligned, finetuned, out, method=method, lam=lam, density=density, seed=seed,
                      dtype=dtype, shard_size=shard_size, keep_aligned=keep_aligned, force=force,
-                     allow_pickle=allow_pickle, progress=not quiet)
+                     allow_pickle=allow_pickle, progress=not quiet,
+                     invoked_as=shlex.join(["safemerge", *sys.argv[1:]]))
     typer.echo(f"wrote {result.out} ({result.method}, {len(result.files)} shard(s), {result.tensors} tensors)")
 
 
@@ -80,15 +82,23 @@ def guarded(debug: bool, fn, *args, **kwargs):
             raise
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        typer.echo("interrupted; nothing was written", err=True)
-        raise typer.Exit(130) from None
+        typer.echo("error: interrupted; nothing was written", err=True)
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so that temporary output is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so temporary output is removed
+    raise Terminated(signum)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ class MergeConfig(BaseModel):
     out: Path = Field(description="directory to write the merged model to")
     method: str = Field("linear", description="merge method, see `safemerge methods`")
     lam: float | None = Field(
-        None, ge=0, le=1, alias="lambda",
+        None, alias="lambda",
         description=f"λ, the weight of the fine-tuned model: merged = (1-λ)·aligned + λ·finetuned (default {DEFAULT_LAMBDA})",
     )
     density: float | None = Field(
@@ -53,6 +53,13 @@ class MergeConfig(BaseModel):
     keep_aligned: list[str] = Field(default_factory=list, description="regexes of tensor names copied unchanged from the aligned model")
     force: bool = Field(False, description="replace an existing output directory")
     allow_pickle: bool = Field(False, description="load .bin/.pt checkpoints (with torch.load weights_only=True)")
+
+    @field_validator("lam")
+    @classmethod
+    def _lambda(cls, v):
+        if v is not None and not 0 <= v <= 1:  # also refuses NaN
+            raise ValueError(f"λ is the weight of the fine-tuned model and must lie in [0, 1]; got {v}")
+        return v
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -96,6 +103,11 @@ class MergeConfig(BaseModel):
         return params
 
 
+# how the command line spells each field, for messages
+FLAGS = {"lam": "--lambda", "lambda": "--lambda", "shard_size": "--shard-size", "keep_aligned": "--keep-aligned",
+         "allow_pickle": "--allow-pickle", "aligned": "ALIGNED", "finetuned": "FINETUNED"}
+
+
 def validate(model: type[BaseModel], **values) -> BaseModel:
     """Build a config, turning pydantic's report into one ConfigError line."""
     try:
@@ -103,7 +115,10 @@ def validate(model: type[BaseModel], **values) -> BaseModel:
     except ValidationError as e:
         parts = []
         for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"])
+            loc = [str(x) for x in err["loc"]]
+            if loc:
+                loc[0] = FLAGS.get(loc[0], f"--{loc[0].replace('_', '-')}")
+            where = ".".join(loc)
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{where}: {msg}" if where else msg)
         raise ConfigError("; ".join(parts)) from None

@@ -24,6 +24,7 @@ from .config import MergeConfig, validate
 from .errors import CheckpointError, ConfigError, IncompatibleModelsError, SafemergeError
 from .writer import Entry, ShardedWriter, atomic_directory, copy_file, write_file
 
+HEADROOM = 64 << 20  # free space kept beyond the weights when checking the disk
 CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on ~4 MB float32 pieces: fast and flat in memory
 ARCHITECTURE_KEYS = (
     "model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -248,7 +249,8 @@ def pieces(plan: MergePlan):
     elementwise = plan.method.elementwise
     for tp in plan.tensors:
         row = math.prod(tp.shape[1:]) if tp.shape else 1
-        step = max(1, CHUNK_ELEMENTS // row) if tp.merge and elementwise else tp.shared_rows
+        # copies and elementwise merges stream in row chunks; other methods see whole tensors
+        step = max(1, CHUNK_ELEMENTS // row) if elementwise or not tp.merge else tp.shared_rows
         for r0 in range(0, tp.shared_rows, step):
             yield Piece(tp, r0, min(r0 + step, tp.shared_rows))
         out_rows = tp.shape[0] if tp.shape else 1
@@ -279,6 +281,8 @@ def tuned_rows(t: Source, raw: Tensor | None, name: str, a: Tensor | None, rows)
 def compute(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, gens) -> Tensor:
     tp = p.plan
     if not (tp.merge or p.added):
+        if aligned_raw.is_floating_point():
+            check_finite(aligned_raw.float(), tp.name, plan.aligned.spec)
         return aligned_raw.to(tp.dtype)
     rows = (p.r0, p.r1)
     a = None
@@ -324,8 +328,8 @@ def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
 
 
 def merge(
-    aligned: str,
-    finetuned: list[str] | str,
+    aligned: str | os.PathLike,
+    finetuned: list[str | os.PathLike] | str | os.PathLike,
     out: str | Path,
     *,
     method: str = "linear",
@@ -338,31 +342,34 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    invoked_as: str | None = None,
 ) -> MergeResult:
     """Merge an aligned model with its fine-tuned version(s) and write a Hugging Face directory.
 
     ``lam`` (λ) is the weight of the fine-tuned model: linear gives (1-λ)·aligned + λ·finetuned.
     ``finetuned`` may be model directories, LoRA adapter directories or Hub ids; several are
     averaged (seeds). Raises ``SafemergeError`` subclasses for every problem a user can cause,
-    leaving nothing at ``out``.
+    leaving nothing at ``out``. ``invoked_as`` (the command line, when called from a CLI) is
+    recorded in the model card beside the equivalent ``safemerge merge`` command.
 
     Example::
 
         safemerge.merge("Meta-Llama-3-8B-Instruct", ["./sft-seed0"], "./merged", method="linear", lam=0.6)
     """
     cfg = validate(
-        MergeConfig, aligned=aligned, finetuned=[finetuned] if isinstance(finetuned, str) else list(finetuned),
+        MergeConfig, aligned=str(aligned),
+        finetuned=[str(finetuned)] if isinstance(finetuned, (str, os.PathLike)) else [str(f) for f in finetuned],
         out=Path(out), method=method, lam=lam, density=density, seed=seed, dtype=dtype, shard_size=shard_size,
         keep_aligned=keep_aligned or [], force=force, allow_pickle=allow_pickle,
     )
-    return run(cfg, progress=progress)
+    return run(cfg, progress=progress, invoked_as=invoked_as)
 
 
-def run(cfg: MergeConfig, progress: bool = True) -> MergeResult:
+def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None) -> MergeResult:
     plan = plan_merge(cfg)
     try:
         check_free_space(cfg.out, plan.output_bytes)
-        return write_merge(plan, progress)
+        return write_merge(plan, progress, invoked_as)
     finally:
         plan.close()
 
@@ -372,11 +379,23 @@ def check_free_space(out: Path, need: int) -> None:
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
-    if free < need * 1.02 + (64 << 20):
-        raise SafemergeError(f"the merged model needs {need / 1e9:.2f} GB but {parent} has {free / 1e9:.2f} GB free; free some space or choose another --out")
+    want = int(need * 1.02) + HEADROOM
+    if free < want:
+        raise SafemergeError(
+            f"the merged model needs {human(need)} (plus {human(want - need)} headroom for the tokenizer, card and "
+            f"file system) but {parent} has {human(free)} free; free some space or choose another --out"
+        )
 
 
-def write_merge(plan: MergePlan, progress: bool) -> MergeResult:
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None) -> MergeResult:
     from . import card  # noqa: PLC0415  (imported late: the card is needed only here)
 
     cfg = plan.config
@@ -401,8 +420,8 @@ def write_merge(plan: MergePlan, progress: bool) -> MergeResult:
             Path(os.path.abspath(cfg.out)), cfg.method, cfg.params, fingerprints,
             sorted(set(weight_map.values())), len(weight_map), plan.notes,
         )
-        write_file(tmp / "safemerge.json", card.dump_json(card.provenance(cfg, result)))
-        write_file(tmp / "README.md", card.model_card(cfg, result))
+        write_file(tmp / "safemerge.json", card.dump_json(card.provenance(cfg, result, invoked_as)))
+        write_file(tmp / "README.md", card.model_card(cfg, result, invoked_as))
     return result
 
 

@@ -9,6 +9,7 @@ directory appears at its final path only once everything in it is on disk.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -197,22 +198,27 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
-def disk_error(e: BaseException, directory: Path) -> BaseException:
-    if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT
-        return SafemergeError(f"no space left on the device of {directory.parent}; free some space or choose another --out")
-    return e
+def disk_error(e: BaseException, where: Path) -> BaseException:
+    """An OSError while writing becomes one user-facing line; anything else stays a bug."""
+    if not isinstance(e, OSError):
+        return e
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SafemergeError(f"no space left on the device of {where} (or no free inodes); free some space or choose another --out")
+    return SafemergeError(f"cannot write {e.filename or where}: {e.strerror}; check the permissions and space of --out")
 
 
 def write_file(path: Path, text: str | bytes) -> None:
     data = text.encode() if isinstance(text, str) else text
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = None
     try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(fd, memoryview(data))
         os.fsync(fd)
     except OSError as e:
         raise disk_error(e, path.parent) from None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -231,37 +237,55 @@ def fsync_dir(path: Path) -> None:
 def atomic_directory(out: Path, force: bool):
     """Yield a temporary directory beside ``out``; rename it to ``out`` only on success.
 
-    On any exception (Ctrl-C and a full disk included) the temporary directory is removed
-    and an existing ``out`` is left as it was. With ``force`` an existing ``out`` is
-    replaced only after the new one is complete.
+    On any exception (Ctrl-C and a full disk included) the temporary directory, and any
+    parent directory made for it, is removed and an existing ``out`` is left as it was.
+    With ``force`` an existing ``out`` is replaced only after the new one is complete.
     """
     out = Path(os.path.abspath(out))
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
+        remove_made(made)
         raise ConfigError(f"cannot create a directory beside {out}: {e.strerror}; choose another --out") from None
     try:
         yield tmp
         fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
-    except BaseException:
+        publish(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
+        if isinstance(e, OSError):
+            raise disk_error(e, out.parent) from None
         raise
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    fsync_dir(out.parent)
+
+
+def remove_made(made: list[Path]) -> None:
+    for p in made:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            pass
