@@ -4,7 +4,7 @@ What it measures, on synthetic Llama-shaped bfloat16 models (hidden 2048, vocab 
 intermediate 4096, 16 heads / 8 KV heads, untied lm_head; ~1.5 GB at 16 layers):
 
 * the I/O floor, on the very files the merges read: reading every input model's weight
-  files in full (sequential reads, 64 MiB buffer) plus writing and fsyncing one file the
+  files in full (sequential reads, 16 MiB buffer) plus writing and fsyncing one file the
   size of the output model;
 * each merge method on the 16-layer pair (model_stock on aligned + two fine-tuned seeds),
   linear on a 32-layer pair (peak memory should not grow with depth) and linear with a LoRA
@@ -444,9 +444,11 @@ def plan_cases(args, env: dict, workdir: Path, pool: ProcessPoolExecutor) -> lis
     return cases
 
 
-def report(env: dict, startup: float, floor: Floor, results: list[Result], inputs: list[Path], repeat: int) -> None:
+def report(env: dict, startup: float, floor: Floor, results: list[Result], inputs: list[Path], repeat: int, load: float) -> None:
     print()
     print(header(env, startup, {p.name: weight_bytes(p) for p in inputs}))
+    print(f"load average (1 min) when timing started: {load:.2f}; other processes busy on the "
+          f"{os.cpu_count()} cores inflate the times (the merges' own threads need them all)")
     print(floor_parts(floor))
     print(f"runs per case: {repeat}" + (" (best wall time, highest peak RSS)" if repeat > 1 else ""))
     print()
@@ -466,13 +468,14 @@ def main(argv=None) -> None:
     outputs = list(dict.fromkeys(c.size_of for c in cases))
     print("warming the page cache ...", flush=True)
     settle(inputs)
+    load = os.getloadavg()[0]
     floor = measure_floor(workdir, inputs, outputs, args.repeat)
     startup = startup_seconds(workdir)
     results = []
     for case in cases:
         print(f"merging: {case.name} ({label(case)}) ...", flush=True)
         results.append(time_case(case, floor, workdir, args.repeat))
-    report(env, startup, floor, results, inputs, args.repeat)
+    report(env, startup, floor, results, inputs, args.repeat, load)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,8 +306,29 @@ def check_range(x: Tensor, tp: TensorPlan) -> None:
         raise SafemergeError(f"merged tensor {tp.name} overflows {str(tp.dtype).removeprefix('torch.')}; use --dtype bfloat16 or float32")
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
-    """Merge every piece in output order; reads run one piece ahead on a worker thread."""
+    """Merge every piece in output order; reads run one piece ahead on a worker thread.
+
+    Chunks of elementwise methods are too small to share between torch threads: they run on
+    one, leaving the other cores to the reader and writer threads. Whole-tensor methods keep
+    torch's threads.
+    """
+    threads = 1 if plan.method.elementwise else torch.get_num_threads()
+    with torch_threads(threads):
+        stream_pieces(plan, writer, progress)
+
+
+def stream_pieces(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
     work = list(pieces(plan))
     wants_gens = "gens" in plan.method.takes
     gens, gens_for = None, None
