@@ -99,7 +99,10 @@ def drop_and_rescale(delta: Tensor, density: float, gen: torch.Generator) -> Ten
 
 def sign_consensus_mean(deltas: list[Tensor]) -> Tensor:
     """TIES sign election: per entry, the mean of the nonzero deltas that agree with the
-    sign of their sum (a zero sum counts as positive); entries with none stay 0."""
+    sign of their sum (a zero sum counts as positive); entries with none stay 0.
+    With one delta that is the delta itself (returned as is)."""
+    if len(deltas) == 1:
+        return deltas[0]
     total = mean(deltas)  # same sign as the sum
     positive = total >= 0
     acc = torch.zeros_like(total)
@@ -111,44 +114,80 @@ def sign_consensus_mean(deltas: list[Tensor]) -> Tensor:
     return acc.div_(count.clamp_(min=1))
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a flat tensor (k >= 1), exactly, in a few linear passes.
+CHUNK = 1 << 20  # whole-tensor methods loop over flat chunks of this size: no big temporaries
 
-    A sample brackets the answer; only the entries inside the bracket are selected on.
-    Falls back to a full ``kthvalue`` when the bracket misses.
+
+def flat_chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The entries of a delta that TIES keeps: |δ| > threshold, and |δ| == threshold at flat
+    indices below ``cutoff`` (ties at the k-th magnitude are kept in row-major order)."""
+
+    threshold: float
+    cutoff: int
+
+    def keep(self, d: Tensor, start: int) -> Tensor:
+        magnitude = d.abs()
+        keep = magnitude > self.threshold
+        if self.cutoff > start:
+            tie = magnitude == self.threshold
+            tie[max(0, self.cutoff - start) :] = False
+            keep |= tie
+        return keep
+
+
+def trim_rule(base: Tensor, fine: Tensor, density: float) -> Trim:
+    """Find the k = max(1, int(density·numel)) largest |fine − base| of two flat tensors.
+
+    A strided sample brackets the k-th magnitude; one chunked pass counts the entries above
+    the bracket and collects those inside it, and only those are selected on. Magnitudes
+    are recomputed per chunk, never stored whole. Falls back to one full selection when the
+    bracket misses.
     """
-    n = values.numel()
-    if n <= 1 << 16:
-        return values.kthvalue(n - k + 1).values
+    n = base.numel()
+    k = max(1, int(density * n))
+    if k >= n:
+        return Trim(-1.0, 0)
     step = max(1, n // 65536)
-    sample = values[::step].sort(descending=True).values
+    sample = (fine[::step] - base[::step]).abs_().sort(descending=True).values
     pos = (k - 1) * sample.numel() / n
     margin = 4 * math.sqrt(sample.numel()) + 8
-    hi = sample[max(0, int(pos - margin))]  # probably above the answer
-    lo = sample[min(sample.numel() - 1, int(pos + margin))]  # probably below it
-    above = int((values > hi).sum())
-    inside = values[(values <= hi) & (values >= lo)]
-    if above < k <= above + inside.numel():
-        return inside.kthvalue(inside.numel() - (k - above) + 1).values
-    return values.kthvalue(n - k + 1).values
+    hi = float(sample[max(0, int(pos - margin))])  # probably above the answer
+    lo = float(sample[min(sample.numel() - 1, int(pos + margin))])  # probably below it
+    above, inside = 0, []
+    for s in flat_chunks(n):
+        m = (fine[s] - base[s]).abs_()
+        above += int((m > hi).sum())
+        inside.append(m[(m <= hi) & (m >= lo)])
+    candidates = torch.cat(inside)
+    if not above < k <= above + candidates.numel():  # the sample missed: select on everything
+        above, candidates = 0, (fine - base).abs_()
+    threshold = float(candidates.kthvalue(candidates.numel() - (k - above) + 1).values)
+    keep_ties = k - above - int((candidates > threshold).sum())  # every tie is a candidate
+    if keep_ties == int((candidates == threshold).sum()):
+        return Trim(threshold, n)
+    return Trim(threshold, tie_position(base, fine, threshold, keep_ties))
+
+
+def tie_position(base: Tensor, fine: Tensor, threshold: float, count: int) -> int:
+    """Flat index of the (count+1)-th entry whose |fine − base| equals ``threshold``."""
+    seen = 0
+    for s in flat_chunks(base.numel()):
+        tie = (fine[s] - base[s]).abs_() == threshold
+        here = int(tie.sum())
+        if seen + here > count:
+            return s.start + int(tie.nonzero()[count - seen])
+        seen += here
+    raise RuntimeError("tie_position: fewer ties than counted")  # internal invariant
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
-    """TIES trim: keep the k = max(1, int(density·numel)) entries of largest magnitude.
-
-    Entries tied with the k-th magnitude are kept in row-major order until k are kept,
-    so exactly k entries survive and the choice does not depend on the backend.
-    """
-    flat = delta.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    if k >= flat.numel():
-        return delta.clone()
-    magnitude = flat.abs()
-    threshold = kth_largest(magnitude, k)
-    keep = magnitude > threshold
-    ties = (magnitude == threshold).nonzero().squeeze(1)
-    keep[ties[: k - int(keep.sum())]] = True
-    return (flat * keep).reshape(delta.shape)
+    """TIES trim of one delta: exactly its k largest-magnitude entries survive."""
+    return ties(torch.zeros_like(delta), [delta], lam=1.0, density=density)
 
 
 # --- the methods ----------------------------------------------------------------------
@@ -164,11 +203,11 @@ def linear(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
 def slerp(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
     """Spherical interpolation from aligned to mean(fine-tuned) by λ; linear when nearly parallel."""
     f = mean(tuned)
-    a_norm, f_norm = base.norm(), f.norm()
-    if a_norm < 1e-8 or f_norm < 1e-8:
-        return f.mul_(lam).add_(base, alpha=1 - lam)
-    c = float(torch.dot(base.reshape(-1), f.reshape(-1)) / (a_norm * f_norm))
-    if abs(c) > 0.9995:
+    b, fl = base.reshape(-1), f.reshape(-1)
+    g = gram(b.numel(), lambda s: torch.stack([b[s], fl[s]]))
+    a_norm, f_norm = math.sqrt(g[0][0]), math.sqrt(g[1][1])
+    c = g[0][1] / (a_norm * f_norm) if min(a_norm, f_norm) >= 1e-8 else 1.0
+    if abs(c) > 0.9995:  # nearly parallel (or a zero tensor): the arc is a line
         return f.mul_(lam).add_(base, alpha=1 - lam)
     theta = math.acos(c)
     s = math.sin(theta)
@@ -184,8 +223,16 @@ def task_arithmetic(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
 @register("ties", paper="https://arxiv.org/abs/2306.01708", elementwise=False)
 def ties(base: Tensor, tuned: list[Tensor], *, lam: float, density: float) -> Tensor:
     """aligned + λ·(sign-elected mean of the deltas trimmed to their top density fraction)."""
-    trimmed = [trim(d, density) for d in deltas(base, tuned)]
-    return sign_consensus_mean(trimmed).mul_(lam).add_(base)
+    b, fs = base.reshape(-1), [t.reshape(-1) for t in tuned]
+    rules = [trim_rule(b, f, density) for f in fs]
+    out = torch.empty_like(b)
+    for s in flat_chunks(b.numel()):
+        trimmed = []
+        for f, rule in zip(fs, rules):
+            d = f[s] - b[s]
+            trimmed.append(d.mul_(rule.keep(d, s.start)))
+        out[s] = sign_consensus_mean(trimmed).mul_(lam).add_(b[s])
+    return out.view(base.shape)
 
 
 @register("dare_linear", paper="https://arxiv.org/abs/2311.03099", elementwise=True)
@@ -220,15 +267,22 @@ def model_stock(base: Tensor, tuned: list[Tensor]) -> Tensor:
 
 def model_stock_ratio(base: Tensor, tuned: list[Tensor]) -> float:
     """Model Stock's interpolation ratio t for one tensor (0 when c ≤ 0 or undefined)."""
-    flat = [d.reshape(-1) for d in deltas(base, tuned)]
-    norms = [float(d.norm()) for d in flat]
+    b, fs = base.reshape(-1), [t.reshape(-1) for t in tuned]
+    g = gram(b.numel(), lambda s: torch.stack([f[s] - b[s] for f in fs]))
+    norms = [math.sqrt(g[i][i]) for i in range(len(fs))]
     if min(norms) < 1e-12:
         return 0.0
-    n = len(flat)
-    cosines = [
-        float(torch.dot(flat[i], flat[j])) / (norms[i] * norms[j])
-        for i in range(n)
-        for j in range(i + 1, n)
-    ]
+    n = len(fs)
+    cosines = [g[i][j] / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]
     c = min(1.0, sum(cosines) / len(cosines))
     return 0.0 if c <= 0 else n * c / (1 + (n - 1) * c)
+
+
+def gram(n: int, rows) -> list[list[float]]:
+    """Dot products of the rows that ``rows(chunk)`` gives, summed over chunks in float64."""
+    total = None
+    for s in flat_chunks(n):
+        r = rows(s).double()
+        part = r @ r.T
+        total = part if total is None else total.add_(part)
+    return total.tolist()
