@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import METHODS
+from safemerge import METHODS, methods
 from reference import assert_matches, load_state, reference
 
 engine = importlib.import_module("safemerge.merge")  # the module, not the function
@@ -25,7 +25,7 @@ def fine_tunes(paths, method, several):
 
 
 def params(method):
-    takes = METHODS[method].takes
+    takes = METHODS[method].parameters
     return {k: v for k, v in {"lam": 0.6, "density": 0.4}.items() if k in takes}
 
 
@@ -54,19 +54,20 @@ def test_every_method_matches_the_reference(models, tmp_path, method, kind, dtyp
     tuned = fine_tunes(paths, method, several)
     out = tmp_path / "out"
     safemerge.merge(str(paths["aligned"]), [str(t) for t in tuned], out, method=method, progress=False, **params(method))
-    p = params(method) | ({"seed": 42} if "gens" in METHODS[method].takes else {})
+    p = params(method) | ({"seed": 42} if "draws" in METHODS[method].parameters else {})
     check_against_reference(out, paths["aligned"], tuned, method, **p)
 
 
-@pytest.mark.parametrize("method", [n for n, m in METHODS.items() if m.elementwise])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_streaming_in_small_chunks_matches_the_reference(models, tmp_path, monkeypatch, method):
     # real models are streamed in row chunks; tiny ones fit one chunk unless we shrink it
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(methods, "CHUNK", 64)
     paths = models["qwen2", torch.bfloat16]
     tuned = [paths["seed0"], paths["seed1"]]
     out = tmp_path / "out"
     safemerge.merge(str(paths["aligned"]), [str(t) for t in tuned], out, method=method, progress=False, **params(method))
-    p = params(method) | ({"seed": 42} if "gens" in METHODS[method].takes else {})
+    p = params(method) | ({"seed": 42} if "draws" in METHODS[method].parameters else {})
     check_against_reference(out, paths["aligned"], tuned, method, **p)
 
 

@@ -14,14 +14,14 @@ A = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 F = torch.tensor([[3.0, 2.0, 1.0], [0.0, -1.0, 2.0]])
 
 
-def gens(n, seed=0):
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+def draws(n, shape, seed=0):
+    return [torch.rand(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
 
 
 def call(name, base, tuned, **params):
     m = METHODS[name]
-    if "gens" in m.takes:
-        params.setdefault("gens", gens(len(tuned)))
+    if "draws" in m.parameters:
+        params.setdefault("draws", draws(len(tuned), base.shape))
     return m(base, tuned, **params)
 
 
@@ -151,7 +151,7 @@ def random_inputs(n_tuned, shape=(64, 48), seed=0):
 
 
 def params_for(m):
-    return {k: v for k, v in {"lam": 0.6, "density": 0.5}.items() if k in m.takes}
+    return {k: v for k, v in {"lam": 0.6, "density": 0.5}.items() if k in m.parameters}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -165,7 +165,7 @@ def test_shape_dtype_and_inputs_unchanged(name):
     assert out.data_ptr() not in {t.data_ptr() for t in [base, *tuned]}
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if "lam" in m.takes])
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if "lam" in m.parameters])
 def test_lambda_zero_returns_aligned(name):
     base, tuned = random_inputs(2)
     out = call(name, base, tuned, **{**params_for(METHODS[name]), "lam": 0.0})
@@ -176,26 +176,34 @@ def test_lambda_zero_returns_aligned(name):
 def test_same_seed_same_bytes(name):
     m = METHODS[name]
     base, tuned = random_inputs(2)
-    one = call(name, base, tuned, gens=gens(2, 5), **params_for(m))
-    two = call(name, base, tuned, gens=gens(2, 5), **params_for(m))
+    one = call(name, base, tuned, draws=draws(2, base.shape, 5), **params_for(m))
+    two = call(name, base, tuned, draws=draws(2, base.shape, 5), **params_for(m))
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.elementwise])
-def test_elementwise_methods_give_the_same_result_in_chunks(name):
-    # the engine relies on this to stream big tensors in row chunks
+@pytest.mark.parametrize("name", list(METHODS))
+def test_methods_give_the_same_result_in_chunks(name):
+    # the engine relies on this to stream big tensors in row chunks; statistics come from
+    # the whole tensor (in its stored dtype), the merge itself from each chunk
     m = METHODS[name]
     base, tuned = random_inputs(2, shape=(50, 40))
-    whole = call(name, base, tuned, gens=gens(2, 9), **params_for(m))
-    g = gens(2, 9)
-    parts = [call(name, base[r : r + 7], [t[r : r + 7] for t in tuned], gens=g, **params_for(m)) for r in range(0, 50, 7)]
+    base, tuned = base.bfloat16(), [t.bfloat16() for t in tuned]
+    u = draws(2, base.shape, 9)
+    whole = call(name, base.float(), [t.float() for t in tuned], draws=u, **params_for(m))
+    stats = m.stats(base, tuned, **params_for(m))
+    parts = [
+        m.apply(base[r : r + 7].float(), [t[r : r + 7].float() for t in tuned], stats=stats, start=r * 40, draws=[x[r : r + 7] for x in u], **params_for(m))
+        for r in range(0, 50, 7)
+    ]
     assert torch.equal(torch.cat(parts), whole)
 
 
 def test_registry_refuses_duplicates_and_names_the_available_methods():
     with pytest.raises(ValueError, match="registered twice"):
-        register("linear", paper="x", elementwise=True)(lambda base, tuned, *, lam: base)
+        register("linear", paper="x")(lambda base, tuned, *, lam: base)
     with pytest.raises(ConfigError, match="unknown method 'tie'; available: linear, slerp"):
         get("tie")
     with pytest.raises(ValueError, match="unknown parameters"):
-        register("bogus", paper="x", elementwise=True)(lambda base, tuned, *, weight: base)
+        register("bogus", paper="x")(lambda base, tuned, *, weight: base)
+    with pytest.raises(ValueError, match="go together"):
+        register("bogus", paper="x")(lambda base, tuned, *, stats: base)

@@ -67,7 +67,7 @@ def methods():
     from .methods import METHODS
 
     for m in METHODS.values():
-        takes = ", ".join(sorted({"lam": "lambda", "density": "density", "gens": "seed"}[t] for t in m.takes)) or "no parameters"
+        takes = ", ".join(sorted({"lam": "lambda", "density": "density", "draws": "seed"}[t] for t in m.parameters)) or "no parameters"
         typer.echo(f"{m.name:16} {m.summary}  [{takes}; {m.paper}]")
 
 

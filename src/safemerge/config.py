@@ -83,22 +83,22 @@ class MergeConfig(BaseModel):
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(methods.METHODS)}")
         if len(self.finetuned) < m.min_models:
             raise ValueError(f"{self.method} needs at least {m.min_models} fine-tuned models, got {len(self.finetuned)}")
-        if self.lam is not None and "lam" not in m.takes:
+        if self.lam is not None and "lam" not in m.parameters:
             raise ValueError(f"{self.method} takes no λ (--lambda); it sets the interpolation itself")
-        if self.density is not None and "density" not in m.takes:
+        if self.density is not None and "density" not in m.parameters:
             raise ValueError(f"{self.method} takes no density; only ties and dare methods do")
         return self
 
     @property
     def params(self) -> dict:
         """The method's parameters with defaults filled in: exactly what the merge used."""
-        takes = methods.METHODS[self.method].takes
+        takes = methods.METHODS[self.method].parameters
         params = {}
         if "lam" in takes:
             params["lam"] = DEFAULT_LAMBDA if self.lam is None else self.lam
         if "density" in takes:
             params["density"] = DEFAULT_DENSITY if self.density is None else self.density
-        if "gens" in takes:
+        if "draws" in takes:
             params["seed"] = self.seed
         return params
 

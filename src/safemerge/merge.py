@@ -230,8 +230,24 @@ def dare_generators(seed: int, name: str, count: int) -> list[torch.Generator]:
     return gens
 
 
+class DareDraws:
+    """DARE's uniform draws: per tensor and fine-tuned model, ``torch.rand`` float32 in
+    row-major order on its own generator; drawing in consecutive chunks gives the same
+    numbers as drawing whole. Made on the reader thread, in piece order."""
+
+    def __init__(self, seed: int, count: int):
+        self.seed, self.count = seed, count
+        self.name, self.gens = None, []
+
+    def next(self, name: str, shape: tuple[int, ...]) -> list[Tensor]:
+        if name != self.name:
+            self.name, self.gens = name, dare_generators(self.seed, name, self.count)
+        return [torch.rand(shape, generator=g) for g in self.gens]
+
+
 def check_finite(x: Tensor, name: str, where: str) -> None:
-    # a float32 sum is one fast pass; only a non-finite sum needs the exact test
+    # a sum (accumulated in float32 for any float dtype) is one fast pass with no copy;
+    # only a non-finite sum, NaN/Inf or an overflow, needs the exact test
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise CheckpointError(f"tensor {name} in {where} contains NaN or Inf; that input is broken, re-download or re-train it")
 
@@ -246,12 +262,17 @@ class Piece:
     added: bool = False
 
 
+def chunk_rows(shape: tuple[int, ...]) -> int:
+    row = math.prod(shape[1:]) if shape else 1
+    return max(1, CHUNK_ELEMENTS // row)
+
+
 def pieces(plan: MergePlan):
-    elementwise = plan.method.elementwise
+    """Row chunks in output order; a merge that needs whole-tensor statistics reads its
+    tensors whole (and still computes and writes them in chunks)."""
+    whole = plan.method.prepare is not None
     for tp in plan.tensors:
-        row = math.prod(tp.shape[1:]) if tp.shape else 1
-        # copies and elementwise merges stream in row chunks; other methods see whole tensors
-        step = max(1, CHUNK_ELEMENTS // row) if elementwise or not tp.merge else tp.shared_rows
+        step = tp.shared_rows if tp.merge and whole else chunk_rows(tp.shape)
         for r0 in range(0, tp.shared_rows, step):
             yield Piece(tp, r0, min(r0 + step, tp.shared_rows))
         out_rows = tp.shape[0] if tp.shape else 1
@@ -259,51 +280,69 @@ def pieces(plan: MergePlan):
             yield Piece(tp, tp.shared_rows, out_rows, added=True)
 
 
-def load(plan: MergePlan, p: Piece):
-    """Raw reads for a piece (run ahead on a worker thread): aligned rows and checkpoint rows."""
+def load(plan: MergePlan, p: Piece, draws: DareDraws | None):
+    """What a piece needs from disk (and DARE's draws), run ahead on the reader thread."""
     rows = (p.r0, p.r1)
     aligned = None if p.added else plan.aligned.read(p.plan.name, rows)
     if not (p.plan.merge or p.added):
-        return aligned, []
-    return aligned, [t.read(p.plan.name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
+        return aligned, [], None
+    tuned = [t.read(p.plan.name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
+    made = draws.next(p.plan.name, aligned.shape) if draws and not p.added else None
+    return aligned, tuned, made
 
 
 def tuned_rows(t: Source, raw: Tensor | None, name: str, a: Tensor | None, rows) -> Tensor:
+    """Fine-tuned rows: a checkpoint's own, or aligned + LoRA delta (raw dtype or float32)."""
     if isinstance(t, Checkpoint):
-        f = raw.float()
-    elif a is None:  # added vocabulary rows exist only in the adapter's full tensor
-        f = t.files.read(t.full[name], rows).float()
-    else:
-        f = t.tuned(name, a, rows)
-    check_finite(f, name, t.spec)
-    return f
+        return raw
+    if a is None:  # added vocabulary rows exist only in the adapter's full tensor
+        return t.files.read(t.full[name], rows)
+    return t.tuned(name, a.float(), rows)
 
 
-def compute(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, gens) -> Tensor:
+def outputs(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, draws):
+    """The output chunks of a piece, each rounded once to the output dtype."""
     tp = p.plan
     if not (tp.merge or p.added):
         if aligned_raw.is_floating_point():
-            check_finite(aligned_raw.float(), tp.name, plan.aligned.spec)
-        return aligned_raw.to(tp.dtype)
-    rows = (p.r0, p.r1)
-    a = None
-    if not p.added:
-        a = aligned_raw.float()
-        check_finite(a, tp.name, plan.aligned.spec)
-    fs = [tuned_rows(t, raw, tp.name, a, rows) for t, raw in zip(plan.tuned, tuned_raw)]
+            check_finite(aligned_raw, tp.name, plan.aligned.spec)
+        yield aligned_raw.to(tp.dtype)
+        return
+    fs = [tuned_rows(t, raw, tp.name, aligned_raw, (p.r0, p.r1)) for t, raw in zip(plan.tuned, tuned_raw)]
+    wheres = [t.spec for t in plan.tuned]
     if p.added:
-        out = methods.mean(fs)
-    else:
-        out = plan.method(a, fs, gens=gens, **plan.config.params)
-    result = out.to(tp.dtype)
-    if tp.dtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
-        check_range(result, tp)
-    return result
+        yield rounded(methods.mean([checked(f.float(), tp.name, w) for f, w in zip(fs, wheres)]), tp)
+        return
+    params = plan.config.params
+    stats, verified = None, False
+    if plan.method.prepare is not None:  # NaN must not reach the statistics
+        for x, where in zip([aligned_raw, *fs], [plan.aligned.spec, *wheres]):
+            check_finite(x, tp.name, where)
+        stats, verified = plan.method.stats(aligned_raw, fs, **params), True
+    step, row = chunk_rows(tp.shape), math.prod(tp.shape[1:]) if tp.shape else 1
+    for r0 in range(0, p.r1 - p.r0, step):
+        part = slice(r0, r0 + step) if tp.shape else ...
+        a = aligned_raw[part].float()
+        chunk = [f[part].float() for f in fs]
+        if not verified:
+            checked(a, tp.name, plan.aligned.spec)
+            for f, where in zip(chunk, wheres):
+                checked(f, tp.name, where)
+        u = [d[part] for d in draws] if draws else None
+        out = plan.method.apply(a, chunk, stats=stats, start=(p.r0 + r0) * row, draws=u, **params)
+        yield rounded(out, tp)
 
 
-def check_range(x: Tensor, tp: TensorPlan) -> None:
-    if not torch.isfinite(x.float()).all():
+def checked(x: Tensor, name: str, where: str) -> Tensor:
+    check_finite(x, name, where)
+    return x
+
+
+def rounded(x: Tensor, tp: TensorPlan) -> Tensor:
+    result = x.to(tp.dtype)
+    if tp.dtype in (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2) and not torch.isfinite(result.float()).all():
         raise SafemergeError(f"merged tensor {tp.name} overflows {str(tp.dtype).removeprefix('torch.')}; use --dtype bfloat16 or float32")
+    return result
 
 
 @contextmanager
@@ -317,33 +356,30 @@ def torch_threads(n: int):
 
 
 def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
-    """Merge every piece in output order; reads run one piece ahead on a worker thread.
+    """Merge every piece in output order; reads run two pieces ahead on a worker thread.
 
-    Chunks of elementwise methods are too small to share between torch threads: they run on
-    one, leaving the other cores to the reader and writer threads. Whole-tensor methods keep
-    torch's threads.
+    Chunks of a plain merge are too small to share between torch threads: it runs on one,
+    leaving the other cores to the reader and writer threads. Methods with a whole-tensor
+    statistic are bound by computation and keep torch's threads.
     """
-    threads = 1 if plan.method.elementwise else torch.get_num_threads()
+    threads = torch.get_num_threads() if plan.method.prepare else 1
     with torch_threads(threads):
         stream_pieces(plan, writer, progress)
 
 
 def stream_pieces(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
     work = list(pieces(plan))
-    wants_gens = "gens" in plan.method.takes
-    gens, gens_for = None, None
+    draws = DareDraws(plan.config.seed, len(plan.tuned)) if "draws" in plan.method.takes else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safemerge-reader") as pool:
-        ahead = [pool.submit(load, plan, p) for p in work[:2]]
+        ahead = [pool.submit(load, plan, p, draws) for p in work[:2]]
         for i, p in enumerate(work):
-            aligned_raw, tuned_raw = ahead.pop(0).result()
+            aligned_raw, tuned_raw, made = ahead.pop(0).result()
             if i + 2 < len(work):
-                ahead.append(pool.submit(load, plan, work[i + 2]))
-            if wants_gens and gens_for != p.plan.name:
-                gens, gens_for = dare_generators(plan.config.seed, p.plan.name, len(plan.tuned)), p.plan.name
-            out = compute(plan, p, aligned_raw, tuned_raw, gens)
-            writer.write(p.plan.name, out)
-            if progress:
-                progress(out.numel() * out.element_size())
+                ahead.append(pool.submit(load, plan, work[i + 2], draws))
+            for out in outputs(plan, p, aligned_raw, tuned_raw, made):
+                writer.write(p.plan.name, out)
+                if progress:
+                    progress(out.numel() * out.element_size())
 
 
 # --- the public entry point ------------------------------------------------------------

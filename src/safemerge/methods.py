@@ -1,13 +1,16 @@
 """The merge math: one small pure function per method, registered by name.
 
-Every method takes the aligned tensor ``base`` and the fine-tuned tensors ``tuned``
-(one per fine-tuned model, never mutated), all float32 and of one shape, and returns a
-new float32 tensor. λ (``lam``) is always the weight of the fine-tuned model.
+A method takes the aligned tensor ``base`` and the fine-tuned tensors ``tuned`` (one per
+fine-tuned model, never mutated), float32 and of one shape, and returns a new float32
+tensor. λ (``lam``) is always the weight of the fine-tuned model.
 
-A method is *elementwise* when each output entry depends only on the input entries at
-the same position; the engine then feeds it contiguous chunks of a tensor instead of the
-whole tensor, which keeps memory flat and caches warm. Whole-tensor methods (slerp, ties,
-model_stock) see complete tensors.
+Every method computes its output entry by entry, so the engine streams a tensor through
+it in chunks: memory stays flat and caches stay warm. A method that first needs a
+statistic of the whole tensor (slerp's angle, TIES's magnitude threshold, Model Stock's
+cosines) registers a ``prepare`` function: it sees the whole tensors, in any float dtype,
+computes in float32 chunks with float64 sums, and its result reaches the method as
+``stats``. A method that needs its chunk's position takes ``start``, the flat index of the
+chunk's first entry. Calling a registered ``Method`` on whole tensors runs both steps.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-PARAMETERS = ("lam", "density", "gens")  # every keyword a method may take
+PARAMETERS = ("lam", "density", "draws")  # what a user sets (draws: from --seed)
+SUPPLIED = ("stats", "start")  # what the engine supplies
+CHUNK = 1 << 20  # entries per chunk when a prepare step walks a whole tensor
 
 
 @dataclass(frozen=True)
@@ -30,33 +35,59 @@ class Method:
     name: str
     fn: Callable[..., Tensor]
     paper: str
-    elementwise: bool
     min_models: int
-    takes: frozenset[str]  # derived from fn's keyword-only parameters
+    prepare: Callable | None  # whole tensors -> stats, for methods that need them
+    takes: frozenset[str]  # fn's keyword-only parameters
+    prepare_takes: frozenset[str]
+
+    @property
+    def parameters(self) -> frozenset[str]:
+        """The user-set parameters (of PARAMETERS) the method uses."""
+        return (self.takes | self.prepare_takes) & frozenset(PARAMETERS)
 
     @property
     def summary(self) -> str:
         return (self.fn.__doc__ or "").strip().splitlines()[0]
 
+    def stats(self, base: Tensor, tuned: list[Tensor], **params):
+        if self.prepare is None:
+            return None
+        return self.prepare(base, tuned, **pick(params, self.prepare_takes))
+
+    def apply(self, base: Tensor, tuned: list[Tensor], *, stats=None, start: int = 0, **params) -> Tensor:
+        """The merged entries of one chunk (or of the whole tensor)."""
+        kwargs = pick({**params, "stats": stats, "start": start}, self.takes)
+        return self.fn(base, tuned, **kwargs)
+
     def __call__(self, base: Tensor, tuned: list[Tensor], **params) -> Tensor:
-        return self.fn(base, tuned, **{k: v for k, v in params.items() if k in self.takes})
+        return self.apply(base, tuned, stats=self.stats(base, tuned, **params), **params)
+
+
+def pick(params: dict, names: frozenset[str]) -> dict:
+    return {k: v for k, v in params.items() if k in names}
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, paper: str, elementwise: bool, min_models: int = 1):
-    """Register a merge function under ``name``; its keyword-only parameters declare what it takes."""
+def keyword_only(fn) -> frozenset[str]:
+    sig = inspect.signature(fn)
+    return frozenset(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def register(name: str, *, paper: str, prepare: Callable | None = None, min_models: int = 1):
+    """Register a merge function under ``name``; keyword-only parameters declare what it takes."""
 
     def add(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        sig = inspect.signature(fn)
-        takes = frozenset(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
-        unknown = takes - set(PARAMETERS)
+        takes, prepare_takes = keyword_only(fn), keyword_only(prepare) if prepare else frozenset()
+        unknown = (takes - set(PARAMETERS) - set(SUPPLIED)) | (prepare_takes - set(PARAMETERS))
         if unknown:
             raise ValueError(f"merge method {name!r} takes unknown parameters {sorted(unknown)}")
-        METHODS[name] = Method(name, fn, paper, elementwise, min_models, takes)
+        if ("stats" in takes) != (prepare is not None):
+            raise ValueError(f"merge method {name!r}: a prepare function and a `stats` parameter go together")
+        METHODS[name] = Method(name, fn, paper, min_models, prepare, takes, prepare_takes)
         return fn
 
     return add
@@ -86,15 +117,14 @@ def deltas(base: Tensor, tuned: list[Tensor]) -> list[Tensor]:
     return [t - base for t in tuned]
 
 
-def drop_and_rescale(delta: Tensor, density: float, gen: torch.Generator) -> Tensor:
-    """DARE: keep each entry with probability ``density`` and divide the kept ones by it.
-
-    Draw order (fixed): one float32 uniform per entry, ``torch.rand`` on the given CPU
-    generator in row-major order; an entry is kept when its draw is below ``density``.
-    Drawing a tensor in consecutive chunks gives the same draws as drawing it whole.
-    """
-    keep = torch.rand(delta.shape, generator=gen) < density
-    return delta.mul_(keep).div_(density) if density < 1 else delta
+def drop_and_rescale(delta: Tensor, density: float, draw: Tensor) -> Tensor:
+    """DARE: keep each entry whose uniform draw in [0, 1) is below ``density`` (so with that
+    probability) and divide the kept ones by it. The engine makes the draws: see
+    ``merge.dare_generators`` for the seeded stream."""
+    if density >= 1:
+        return delta
+    keep = torch.lt(draw, density, out=torch.empty_like(delta))  # 0/1 floats: faster than a bool mask
+    return delta.mul_(keep).div_(density)
 
 
 def sign_consensus_mean(deltas: list[Tensor]) -> Tensor:
@@ -114,12 +144,27 @@ def sign_consensus_mean(deltas: list[Tensor]) -> Tensor:
     return acc.div_(count.clamp_(min=1))
 
 
-CHUNK = 1 << 20  # whole-tensor methods loop over flat chunks of this size: no big temporaries
+# --- whole-tensor statistics, in chunks --------------------------------------------------
 
 
 def flat_chunks(n: int):
     for start in range(0, n, CHUNK):
         yield slice(start, min(n, start + CHUNK))
+
+
+def flat_delta(base: Tensor, fine: Tensor, s: slice) -> Tensor:
+    """fine − base on a flat slice, in float32: bit for bit what a method computes on that chunk."""
+    return fine.reshape(-1)[s].float() - base.reshape(-1)[s].float()
+
+
+def dot_products(base: Tensor, tuned: list[Tensor], rows: Callable[[slice], list[Tensor]]) -> list[list[float]]:
+    """All dot products among the float32 vectors ``rows(chunk)`` returns, summed over chunks in float64."""
+    total = None
+    for s in flat_chunks(base.numel()):
+        r = rows(s)
+        part = [[float(torch.dot(x, y)) for y in r] for x in r]
+        total = part if total is None else [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(total, part)]
+    return total
 
 
 @dataclass(frozen=True)
@@ -131,158 +176,142 @@ class Trim:
     cutoff: int
 
     def keep(self, d: Tensor, start: int) -> Tensor:
-        magnitude = d.abs()
-        keep = magnitude > self.threshold
-        if self.cutoff > start:
-            tie = magnitude == self.threshold
+        """0/1 float mask for a chunk ``d`` whose first entry has flat index ``start``."""
+        magnitude = d.abs().reshape(-1)
+        tie = magnitude == self.threshold if self.cutoff > start else None
+        keep = magnitude.gt_(self.threshold)  # in place, as float: faster than a bool mask
+        if tie is not None:
             tie[max(0, self.cutoff - start) :] = False
-            keep |= tie
-        return keep
+            keep.add_(tie)
+        return keep.view(d.shape)
 
 
 def trim_rule(base: Tensor, fine: Tensor, density: float) -> Trim:
-    """Find the k = max(1, int(density·numel)) largest |fine − base| of two flat tensors.
+    """Find the k = max(1, int(density·numel)) largest |fine − base|.
 
     A strided sample brackets the k-th magnitude; one chunked pass counts the entries above
-    the bracket and collects those inside it, and only those are selected on. Magnitudes
-    are recomputed per chunk, never stored whole. Falls back to one full selection when the
-    bracket misses.
+    the bracket and collects those inside it with their positions, and only those are
+    selected on. Magnitudes are recomputed per chunk, never stored whole. Falls back to one
+    full selection when the bracket misses.
     """
     n = base.numel()
     k = max(1, int(density * n))
     if k >= n:
         return Trim(-1.0, 0)
     step = max(1, n // 65536)
-    sample = (fine[::step] - base[::step]).abs_().sort(descending=True).values
+    sample = flat_delta(base, fine, slice(None, None, step)).abs_().sort(descending=True).values
     pos = (k - 1) * sample.numel() / n
     margin = 4 * math.sqrt(sample.numel()) + 8
     hi = float(sample[max(0, int(pos - margin))])  # probably above the answer
     lo = float(sample[min(sample.numel() - 1, int(pos + margin))])  # probably below it
-    above, inside = 0, []
+    above, values, positions = 0, [], []
     for s in flat_chunks(n):
-        m = (fine[s] - base[s]).abs_()
-        above += int((m > hi).sum())
-        inside.append(m[(m <= hi) & (m >= lo)])
-    candidates = torch.cat(inside)
-    if not above < k <= above + candidates.numel():  # the sample missed: select on everything
-        above, candidates = 0, (fine - base).abs_()
-    threshold = float(candidates.kthvalue(candidates.numel() - (k - above) + 1).values)
-    keep_ties = k - above - int((candidates > threshold).sum())  # every tie is a candidate
-    if keep_ties == int((candidates == threshold).sum()):
-        return Trim(threshold, n)
-    return Trim(threshold, tie_position(base, fine, threshold, keep_ties))
-
-
-def tie_position(base: Tensor, fine: Tensor, threshold: float, count: int) -> int:
-    """Flat index of the (count+1)-th entry whose |fine − base| equals ``threshold``."""
-    seen = 0
-    for s in flat_chunks(base.numel()):
-        tie = (fine[s] - base[s]).abs_() == threshold
-        here = int(tie.sum())
-        if seen + here > count:
-            return s.start + int(tie.nonzero()[count - seen])
-        seen += here
-    raise RuntimeError("tie_position: fewer ties than counted")  # internal invariant
+        m = flat_delta(base, fine, s).abs_()
+        over = torch.gt(m, hi, out=torch.empty_like(m))  # float masks: much faster than bool ones here
+        above += int(over.sum())
+        inside = torch.ge(m, lo, out=torch.empty_like(m)).sub_(over).nonzero().squeeze(1)
+        values.append(m[inside])
+        positions.append(inside.add_(s.start))
+    values, positions = torch.cat(values), torch.cat(positions)
+    if not above < k <= above + values.numel():  # the sample missed: select on everything
+        above, values = 0, flat_delta(base, fine, slice(None)).abs_()
+        positions = torch.arange(n)
+    threshold = float(values.kthvalue(values.numel() - (k - above) + 1).values)
+    keep_ties = k - above - int((values > threshold).sum())  # every tie is a candidate
+    ties = positions[values == threshold]  # in row-major order
+    return Trim(threshold, int(ties[keep_ties]) if keep_ties < ties.numel() else n)
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
     """TIES trim of one delta: exactly its k largest-magnitude entries survive."""
-    return ties(torch.zeros_like(delta), [delta], lam=1.0, density=density)
+    return METHODS["ties"](torch.zeros_like(delta), [delta], lam=1.0, density=density)
 
 
-# --- the methods ----------------------------------------------------------------------
+# --- prepare steps -----------------------------------------------------------------------
 
 
-@register("linear", paper="https://arxiv.org/abs/2203.05482", elementwise=True)
-def linear(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
-    """(1 − λ)·aligned + λ·mean(fine-tuned)."""
-    return mean(tuned).mul_(lam).add_(base, alpha=1 - lam)
+def slerp_coefficients(base: Tensor, tuned: list[Tensor], *, lam: float) -> tuple[float, float]:
+    """(ca, cf) such that slerp = ca·aligned + cf·mean(fine-tuned), from the angle between them.
 
-
-@register("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242", elementwise=False)
-def slerp(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
-    """Spherical interpolation from aligned to mean(fine-tuned) by λ; linear when nearly parallel."""
-    f = mean(tuned)
-    b, fl = base.reshape(-1), f.reshape(-1)
-    g = gram(b.numel(), lambda s: torch.stack([b[s], fl[s]]))
+    Linear coefficients (1 − λ, λ) when a norm is below 1e-8 or |cos θ| > 0.9995.
+    """
+    g = dot_products(base, tuned, lambda s: [base.reshape(-1)[s].float(), mean([t.reshape(-1)[s].float() for t in tuned])])
     a_norm, f_norm = math.sqrt(g[0][0]), math.sqrt(g[1][1])
     c = g[0][1] / (a_norm * f_norm) if min(a_norm, f_norm) >= 1e-8 else 1.0
     if abs(c) > 0.9995:  # nearly parallel (or a zero tensor): the arc is a line
-        return f.mul_(lam).add_(base, alpha=1 - lam)
+        return 1 - lam, lam
     theta = math.acos(c)
-    s = math.sin(theta)
-    return f.mul_(math.sin(lam * theta) / s).add_(base, alpha=math.sin((1 - lam) * theta) / s)
+    return math.sin((1 - lam) * theta) / math.sin(theta), math.sin(lam * theta) / math.sin(theta)
 
 
-@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089", elementwise=True)
-def task_arithmetic(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
-    """aligned + λ·mean(fine-tuned − aligned)."""
-    return mean(deltas(base, tuned)).mul_(lam).add_(base)
-
-
-@register("ties", paper="https://arxiv.org/abs/2306.01708", elementwise=False)
-def ties(base: Tensor, tuned: list[Tensor], *, lam: float, density: float) -> Tensor:
-    """aligned + λ·(sign-elected mean of the deltas trimmed to their top density fraction)."""
-    b, fs = base.reshape(-1), [t.reshape(-1) for t in tuned]
-    rules = [trim_rule(b, f, density) for f in fs]
-    out = torch.empty_like(b)
-    for s in flat_chunks(b.numel()):
-        trimmed = []
-        for f, rule in zip(fs, rules):
-            d = f[s] - b[s]
-            trimmed.append(d.mul_(rule.keep(d, s.start)))
-        out[s] = sign_consensus_mean(trimmed).mul_(lam).add_(b[s])
-    return out.view(base.shape)
-
-
-@register("dare_linear", paper="https://arxiv.org/abs/2311.03099", elementwise=True)
-def dare_linear(
-    base: Tensor, tuned: list[Tensor], *, lam: float, density: float, gens: list[torch.Generator]
-) -> Tensor:
-    """aligned + λ·mean(drop-and-rescaled deltas)."""
-    dropped = [drop_and_rescale(d, density, g) for d, g in zip(deltas(base, tuned), gens)]
-    return mean(dropped).mul_(lam).add_(base)
-
-
-@register("dare_ties", paper="https://arxiv.org/abs/2311.03099", elementwise=True)
-def dare_ties(
-    base: Tensor, tuned: list[Tensor], *, lam: float, density: float, gens: list[torch.Generator]
-) -> Tensor:
-    """aligned + λ·(sign-elected mean of the drop-and-rescaled deltas)."""
-    dropped = [drop_and_rescale(d, density, g) for d, g in zip(deltas(base, tuned), gens)]
-    return sign_consensus_mean(dropped).mul_(lam).add_(base)
-
-
-@register("model_stock", paper="https://arxiv.org/abs/2403.19522", elementwise=False, min_models=2)
-def model_stock(base: Tensor, tuned: list[Tensor]) -> Tensor:
-    """t·mean(fine-tuned) + (1 − t)·aligned, t = N·c / (1 + (N − 1)·c), c = mean pairwise cosine.
-
-    Interpretation: when c ≤ 0 (deltas that disagree) or a delta is zero (cosine undefined),
-    t = 0 and the aligned tensor is kept; the formula would otherwise extrapolate away from
-    the fine-tuned models. See ``model_stock_ratio``.
-    """
-    t = model_stock_ratio(base, tuned)
-    return mean(tuned).mul_(t).add_(base, alpha=1 - t)
+def trims(base: Tensor, tuned: list[Tensor], *, density: float) -> list[Trim]:
+    return [trim_rule(base, t, density) for t in tuned]
 
 
 def model_stock_ratio(base: Tensor, tuned: list[Tensor]) -> float:
-    """Model Stock's interpolation ratio t for one tensor (0 when c ≤ 0 or undefined)."""
-    b, fs = base.reshape(-1), [t.reshape(-1) for t in tuned]
-    g = gram(b.numel(), lambda s: torch.stack([f[s] - b[s] for f in fs]))
-    norms = [math.sqrt(g[i][i]) for i in range(len(fs))]
+    """Model Stock's t = N·c / (1 + (N − 1)·c) for one tensor, c the mean pairwise cosine of the
+    deltas. Interpretation: t = 0 (keep the aligned tensor) when c ≤ 0, where the formula
+    would extrapolate away from the fine-tuned models, and when a delta is zero (no cosine)."""
+    g = dot_products(base, tuned, lambda s: [flat_delta(base, t, s) for t in tuned])
+    n = len(tuned)
+    norms = [math.sqrt(g[i][i]) for i in range(n)]
     if min(norms) < 1e-12:
         return 0.0
-    n = len(fs)
     cosines = [g[i][j] / (norms[i] * norms[j]) for i in range(n) for j in range(i + 1, n)]
     c = min(1.0, sum(cosines) / len(cosines))
     return 0.0 if c <= 0 else n * c / (1 + (n - 1) * c)
 
 
-def gram(n: int, rows) -> list[list[float]]:
-    """Dot products of the rows that ``rows(chunk)`` gives, summed over chunks in float64."""
-    total = None
-    for s in flat_chunks(n):
-        r = rows(s).double()
-        part = r @ r.T
-        total = part if total is None else total.add_(part)
-    return total.tolist()
+# --- the methods ----------------------------------------------------------------------
+
+
+@register("linear", paper="https://arxiv.org/abs/2203.05482")
+def linear(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
+    """(1 − λ)·aligned + λ·mean(fine-tuned)."""
+    return mean(tuned).mul_(lam).add_(base, alpha=1 - lam)
+
+
+@register("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242", prepare=slerp_coefficients)
+def slerp(base: Tensor, tuned: list[Tensor], *, stats: tuple[float, float]) -> Tensor:
+    """Spherical interpolation from aligned to mean(fine-tuned) by λ; linear when nearly parallel."""
+    ca, cf = stats
+    return mean(tuned).mul_(cf).add_(base, alpha=ca)
+
+
+@register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
+def task_arithmetic(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
+    """aligned + λ·mean(fine-tuned − aligned)."""
+    return mean(deltas(base, tuned)).mul_(lam).add_(base)
+
+
+@register("ties", paper="https://arxiv.org/abs/2306.01708", prepare=trims)
+def ties(base: Tensor, tuned: list[Tensor], *, lam: float, stats: list[Trim], start: int) -> Tensor:
+    """aligned + λ·(sign-elected mean of the deltas trimmed to their top density fraction)."""
+    trimmed = []
+    for d, rule in zip(deltas(base, tuned), stats):
+        trimmed.append(d.mul_(rule.keep(d, start)))
+    return sign_consensus_mean(trimmed).mul_(lam).add_(base)
+
+
+@register("dare_linear", paper="https://arxiv.org/abs/2311.03099")
+def dare_linear(
+    base: Tensor, tuned: list[Tensor], *, lam: float, density: float, draws: list[Tensor]
+) -> Tensor:
+    """aligned + λ·mean(drop-and-rescaled deltas)."""
+    dropped = [drop_and_rescale(d, density, u) for d, u in zip(deltas(base, tuned), draws)]
+    return mean(dropped).mul_(lam).add_(base)
+
+
+@register("dare_ties", paper="https://arxiv.org/abs/2311.03099")
+def dare_ties(
+    base: Tensor, tuned: list[Tensor], *, lam: float, density: float, draws: list[Tensor]
+) -> Tensor:
+    """aligned + λ·(sign-elected mean of the drop-and-rescaled deltas)."""
+    dropped = [drop_and_rescale(d, density, u) for d, u in zip(deltas(base, tuned), draws)]
+    return sign_consensus_mean(dropped).mul_(lam).add_(base)
+
+
+@register("model_stock", paper="https://arxiv.org/abs/2403.19522", prepare=model_stock_ratio, min_models=2)
+def model_stock(base: Tensor, tuned: list[Tensor], *, stats: float) -> Tensor:
+    """t·mean(fine-tuned) + (1 − t)·aligned, t = N·c / (1 + (N − 1)·c), c = mean pairwise cosine."""
+    return mean(tuned).mul_(stats).add_(base, alpha=1 - stats)
