@@ -356,7 +356,7 @@ def torch_threads(n: int):
 
 
 def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
-    """Merge every piece in output order; reads run two pieces ahead on a worker thread.
+    """Merge every piece in output order; reads run ahead on a worker thread.
 
     Chunks of a plain merge are too small to share between torch threads: it runs on one,
     leaving the other cores to the reader and writer threads. Methods with a whole-tensor
@@ -370,12 +370,13 @@ def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
 def stream_pieces(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
     work = list(pieces(plan))
     draws = DareDraws(plan.config.seed, len(plan.tuned)) if "draws" in plan.method.takes else None
+    depth = 1 if plan.method.prepare else 2  # pieces read ahead; whole tensors are big
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safemerge-reader") as pool:
-        ahead = [pool.submit(load, plan, p, draws) for p in work[:2]]
+        ahead = [pool.submit(load, plan, p, draws) for p in work[:depth]]
         for i, p in enumerate(work):
             aligned_raw, tuned_raw, made = ahead.pop(0).result()
-            if i + 2 < len(work):
-                ahead.append(pool.submit(load, plan, work[i + 2], draws))
+            if i + depth < len(work):
+                ahead.append(pool.submit(load, plan, work[i + depth], draws))
             for out in outputs(plan, p, aligned_raw, tuned_raw, made):
                 writer.write(p.plan.name, out)
                 if progress:

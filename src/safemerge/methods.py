@@ -199,11 +199,12 @@ def trim_rule(base: Tensor, fine: Tensor, density: float) -> Trim:
     if k >= n:
         return Trim(-1.0, 0)
     step = max(1, n // 65536)
-    sample = flat_delta(base, fine, slice(None, None, step)).abs_().sort(descending=True).values
-    pos = (k - 1) * sample.numel() / n
-    margin = 4 * math.sqrt(sample.numel()) + 8
-    hi = float(sample[max(0, int(pos - margin))])  # probably above the answer
-    lo = float(sample[min(sample.numel() - 1, int(pos + margin))])  # probably below it
+    sample = flat_delta(base, fine, slice(None, None, step)).abs_()
+    size = sample.numel()
+    pos = (k - 1) * size / n  # where the k-th largest falls in the sample, from the top
+    margin = 4 * math.sqrt(size) + 8
+    hi = float(sample.kthvalue(size - max(0, int(pos - margin))).values)  # probably above the answer
+    lo = float(sample.kthvalue(size - min(size - 1, int(pos + margin))).values)  # probably below it
     above, values, positions = 0, [], []
     for s in flat_chunks(n):
         m = flat_delta(base, fine, s).abs_()

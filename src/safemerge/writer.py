@@ -79,7 +79,7 @@ class ShardedWriter:
     the thread is raised in the caller at its next call.
     """
 
-    IN_FLIGHT = 256 << 20
+    IN_FLIGHT = 128 << 20
 
     def __init__(self, directory: Path, entries: list[Entry], shard_size: int, metadata: dict[str, str]):
         self.directory = directory
