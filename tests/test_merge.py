@@ -43,14 +43,19 @@ def check_against_reference(out, aligned, tuned, method, **p):
         assert exact / sum(t.numel() for t in a_state.values()) > 0.98
 
 
-@pytest.mark.parametrize("several", [False, True], ids=["one", "three"])
+METHOD_INPUTS = [
+    pytest.param(m, several, id=f"{m}-{'three' if several else 'one'}")
+    for m in METHODS
+    for several in (False, True)
+    if several or METHODS[m].min_models == 1
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_matches_the_reference(models, tmp_path, method, kind, dtype, several):
+@pytest.mark.parametrize("method, several", METHOD_INPUTS)
+def test_every_method_matches_the_reference(models, tmp_path, method, several, kind, dtype):
     paths = models[kind, dtype]
-    if several is False and METHODS[method].min_models > 1:
-        pytest.skip(f"{method} needs several fine-tuned models")
     tuned = fine_tunes(paths, method, several)
     out = tmp_path / "out"
     safemerge.merge(str(paths["aligned"]), [str(t) for t in tuned], out, method=method, progress=False, **params(method))
@@ -171,6 +176,19 @@ def test_cli_merges_and_says_where(models, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout
     check_against_reference(out, paths["aligned"], [paths["seed0"], paths["seed1"]], "model_stock")
+
+
+def test_dry_run_checks_everything_and_writes_nothing(models, tmp_path):
+    paths = models["llama", torch.bfloat16]
+    out = tmp_path / "planned"
+    args = [sys.executable, "-m", "safemerge", "merge", str(paths["aligned"]), str(paths["seed0"]), "--out", str(out)]
+    run = subprocess.run([*args, "--method", "ties", "--shard-size", "20KB", "--dry-run"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    tensors = len(load_state(paths["aligned"]))
+    assert run.stdout.startswith(f"would write {out}: ties (λ=0.5, density=0.5), {tensors} tensors")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    bad = subprocess.run([*args, "--method", "model_stock", "--dry-run"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "model_stock needs at least 2" in bad.stderr
 
 
 def test_help_texts_say_what_lambda_means():

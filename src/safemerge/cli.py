@@ -48,6 +48,7 @@ def merge(
     keep_aligned: Annotated[Optional[list[str]], typer.Option(help="regex of tensor names copied unchanged from ALIGNED (repeatable)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out (only once the new model is complete)")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt checkpoints with torch.load(weights_only=True)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check every input (headers only) and print the plan; write nothing")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     debug: DebugOpt = False,
 ):
@@ -56,9 +57,14 @@ def merge(
 
     result = guarded(debug, run_merge, aligned, finetuned, out, method=method, lam=lam, density=density, seed=seed,
                      dtype=dtype, shard_size=shard_size, keep_aligned=keep_aligned, force=force,
-                     allow_pickle=allow_pickle, progress=not quiet,
+                     allow_pickle=allow_pickle, progress=not quiet, dry_run=dry_run,
                      invoked_as=shlex.join(["safemerge", *sys.argv[1:]]))
-    typer.echo(f"wrote {result.out} ({result.method}, {len(result.files)} shard(s), {result.tensors} tensors)")
+    params = ", ".join(f"{'λ' if k == 'lam' else k}={v}" for k, v in result.params.items()) or "no parameters"
+    verb = "would write" if result.dry_run else "wrote"
+    typer.echo(f"{verb} {result.out}: {result.method} ({params}), {result.tensors} tensors, "
+               f"{result.nbytes / 1e9:.2f} GB in {len(result.files)} shard(s)")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
 
 
 @app.command()

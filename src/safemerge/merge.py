@@ -23,7 +23,7 @@ from . import methods
 from .checkpoints import Checkpoint, LoraAdapter, open_source
 from .config import MergeConfig, validate
 from .errors import CheckpointError, ConfigError, IncompatibleModelsError, SafemergeError
-from .writer import Entry, ShardedWriter, atomic_directory, copy_file, write_file
+from .writer import Entry, ShardedWriter, atomic_directory, check_out, copy_file, plan_shards, shard_names, write_file
 
 HEADROOM = 64 << 20  # free space kept beyond the weights when checking the disk
 CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on ~4 MB float32 pieces: fast and flat in memory
@@ -72,10 +72,12 @@ class MergeResult:
     out: Path
     method: str
     params: dict
-    fingerprints: dict[str, str]  # input spec -> content fingerprint
+    fingerprints: dict[str, str]  # input spec -> content fingerprint (empty for a dry run)
     files: list[str]
     tensors: int
     notes: list[str]
+    nbytes: int  # of the weights written
+    dry_run: bool = False
 
 
 # --- planning --------------------------------------------------------------------------
@@ -402,6 +404,7 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     invoked_as: str | None = None,
+    dry_run: bool = False,
 ) -> MergeResult:
     """Merge an aligned model with its fine-tuned version(s) and write a Hugging Face directory.
 
@@ -409,7 +412,8 @@ def merge(
     ``finetuned`` may be model directories, LoRA adapter directories or Hub ids; several are
     averaged (seeds). Raises ``SafemergeError`` subclasses for every problem a user can cause,
     leaving nothing at ``out``. ``invoked_as`` (the command line, when called from a CLI) is
-    recorded in the model card beside the equivalent ``safemerge merge`` command.
+    recorded in the model card beside the equivalent ``safemerge merge`` command. With
+    ``dry_run`` every input is opened and checked (headers only) and nothing is written.
 
     Example::
 
@@ -421,16 +425,25 @@ def merge(
         out=Path(out), method=method, lam=lam, density=density, seed=seed, dtype=dtype, shard_size=shard_size,
         keep_aligned=keep_aligned or [], force=force, allow_pickle=allow_pickle,
     )
-    return run(cfg, progress=progress, invoked_as=invoked_as)
+    return run(cfg, progress=progress, invoked_as=invoked_as, dry_run=dry_run)
 
 
-def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None) -> MergeResult:
+def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None, dry_run: bool = False) -> MergeResult:
     plan = plan_merge(cfg)
     try:
+        check_out(cfg.out, cfg.force)
         check_free_space(cfg.out, plan.output_bytes)
+        if dry_run:
+            files = shard_names(len(plan_shards(entries(plan), cfg.shard_size)))
+            return MergeResult(Path(os.path.abspath(cfg.out)), cfg.method, cfg.params, {}, files,
+                               len(plan.tensors), plan.notes, plan.output_bytes, dry_run=True)
         return write_merge(plan, progress, invoked_as)
     finally:
         plan.close()
+
+
+def entries(plan: MergePlan) -> list[Entry]:
+    return [Entry(t.name, t.dtype, t.shape) for t in plan.tensors]
 
 
 def check_free_space(out: Path, need: int) -> None:
@@ -460,9 +473,8 @@ def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None) 
     cfg = plan.config
     metadata = {"format": "pt", "safemerge_version": card.version(), "method": cfg.method,
                 **{k: str(v) for k, v in cfg.params.items()}}
-    entries = [Entry(t.name, t.dtype, t.shape) for t in plan.tensors]
     with atomic_directory(cfg.out, cfg.force) as tmp:
-        writer = ShardedWriter(tmp, entries, cfg.shard_size, metadata)
+        writer = ShardedWriter(tmp, entries(plan), cfg.shard_size, metadata)
         try:
             with card.progress_bar(plan.output_bytes, f"{cfg.method} merge", enabled=progress) as advance:
                 stream(plan, writer, advance)
@@ -477,7 +489,7 @@ def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None) 
                 copy_file(f, tmp / f.name)
         result = MergeResult(
             Path(os.path.abspath(cfg.out)), cfg.method, cfg.params, fingerprints,
-            sorted(set(weight_map.values())), len(weight_map), plan.notes,
+            sorted(set(weight_map.values())), len(weight_map), plan.notes, plan.output_bytes,
         )
         write_file(tmp / "safemerge.json", card.dump_json(card.provenance(cfg, result, invoked_as)))
         write_file(tmp / "README.md", card.model_card(cfg, result, invoked_as))

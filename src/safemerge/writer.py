@@ -233,6 +233,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_out(out: Path, force: bool) -> Path:
+    """The absolute output path, if it may be written (an existing one only with ``force``)."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    return out
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool):
     """Yield a temporary directory beside ``out``; rename it to ``out`` only on success.
@@ -241,11 +251,7 @@ def atomic_directory(out: Path, force: bool):
     parent directory made for it, is removed and an existing ``out`` is left as it was.
     With ``force`` an existing ``out`` is replaced only after the new one is complete.
     """
-    out = Path(os.path.abspath(out))
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    out = check_out(out, force)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
