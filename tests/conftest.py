@@ -52,7 +52,7 @@ def build_model(kind: str, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(kind, vocab))
     with torch.no_grad():  # non-trivial norms and biases, so a merge that skips them shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
