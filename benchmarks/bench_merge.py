@@ -177,7 +177,7 @@ def environment() -> dict:
 
     import safemerge
 
-    methods = {m.name: {"takes": sorted(m.takes), "min_models": m.min_models} for m in safemerge.METHODS.values()}
+    methods = {m.name: {"takes": sorted(m.parameters), "min_models": m.min_models} for m in safemerge.METHODS.values()}
     return {"torch": str(torch.__version__), "safemerge": version("safemerge"), "methods": methods}
 
 
