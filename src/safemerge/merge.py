@@ -103,61 +103,55 @@ def pieces(plan: MergePlan):
 
 
 def load(plan: MergePlan, p: Piece, draws: DareDraws | None):
-    """What a piece needs from disk (and DARE's draws), run ahead on the reader thread."""
-    rows = (p.r0, p.r1)
-    aligned = None if p.added else plan.aligned.read(p.plan.name, rows)
+    """What a piece needs from disk, checked for NaN/Inf, and DARE's draws: run ahead on the
+    reader thread, which has time to spare while the merge computes."""
+    name, rows = p.plan.name, (p.r0, p.r1)
+    aligned = None if p.added else read_checked(plan.aligned, name, rows)
     if not (p.plan.merge or p.added):
         return aligned, [], None
-    tuned = [t.read(p.plan.name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
-    made = draws.next(p.plan.name, aligned.shape) if draws and not p.added else None
+    tuned = [read_checked(t, name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
+    made = draws.next(name, aligned.shape) if draws and not p.added else None
     return aligned, tuned, made
 
 
+def read_checked(source: Checkpoint, name: str, rows) -> Tensor:
+    x = source.read(name, rows)
+    if x.is_floating_point():
+        check_finite(x, name, source.spec)
+    return x
+
+
 def tuned_rows(t: Source, raw: Tensor | None, name: str, a: Tensor | None, rows) -> Tensor:
-    """Fine-tuned rows: a checkpoint's own, or aligned + LoRA delta (raw dtype or float32)."""
+    """Fine-tuned rows: a checkpoint's own (checked on reading), or from a LoRA adapter: the
+    aligned rows + delta in float32, or the adapter's own rows of added tokens."""
     if isinstance(t, Checkpoint):
         return raw
-    if a is None:  # added vocabulary rows exist only in the adapter's full tensor
-        return t.files.read(t.full[name], rows)
-    return t.tuned(name, a.float(), rows)
+    f = t.files.read(t.full[name], rows) if a is None else t.tuned(name, a.float(), rows)
+    check_finite(f, name, t.spec)
+    return f
 
 
 def outputs(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, draws):
     """The output chunks of a piece, each rounded once to the output dtype."""
     tp = p.plan
     if not (tp.merge or p.added):
-        if aligned_raw.is_floating_point():
-            check_finite(aligned_raw, tp.name, plan.aligned.spec)
         yield aligned_raw.to(tp.dtype)
         return
     fs = [tuned_rows(t, raw, tp.name, aligned_raw, (p.r0, p.r1)) for t, raw in zip(plan.tuned, tuned_raw)]
-    wheres = [t.spec for t in plan.tuned]
     if p.added:
-        yield rounded(methods.mean([checked(f.float(), tp.name, w) for f, w in zip(fs, wheres)]), tp)
+        yield rounded(methods.mean([f.float() for f in fs]), tp)
         return
     params = plan.config.params
-    stats, verified = None, False
-    if plan.method.prepare is not None:  # NaN must not reach the statistics
-        for x, where in zip([aligned_raw, *fs], [plan.aligned.spec, *wheres]):
-            check_finite(x, tp.name, where)
-        stats, verified = plan.method.stats(aligned_raw, fs, **params), True
+    stats = plan.method.stats(aligned_raw, fs, **params)  # None unless the method needs them
     step, row = chunk_rows(tp.shape), math.prod(tp.shape[1:]) if tp.shape else 1
     for r0 in range(0, p.r1 - p.r0, step):
         part = slice(r0, r0 + step) if tp.shape else ...
-        a = aligned_raw[part].float()
-        chunk = [f[part].float() for f in fs]
-        if not verified:
-            checked(a, tp.name, plan.aligned.spec)
-            for f, where in zip(chunk, wheres):
-                checked(f, tp.name, where)
         u = [d[part] for d in draws] if draws else None
-        out = plan.method.apply(a, chunk, stats=stats, start=(p.r0 + r0) * row, draws=u, **params)
+        out = plan.method.apply(
+            aligned_raw[part].float(), [f[part].float() for f in fs],
+            stats=stats, start=(p.r0 + r0) * row, draws=u, **params,
+        )
         yield rounded(out, tp)
-
-
-def checked(x: Tensor, name: str, where: str) -> Tensor:
-    check_finite(x, name, where)
-    return x
 
 
 def rounded(x: Tensor, tp: TensorPlan) -> Tensor:

@@ -103,14 +103,14 @@ def get(name: str) -> Method:
 # --- shared pieces --------------------------------------------------------------------
 
 
-def mean(tensors: list[Tensor]) -> Tensor:
-    """Uniform average, as a new tensor."""
+def mean(tensors: list[Tensor], scale: float = 1.0) -> Tensor:
+    """scale · uniform average, as a new tensor (scaling here saves a pass over the data)."""
     if len(tensors) == 1:
-        return tensors[0].clone()
+        return tensors[0] * scale
     out = tensors[0] + tensors[1]
     for t in tensors[2:]:
         out.add_(t)
-    return out.div_(len(tensors))
+    return out.mul_(scale / len(tensors))
 
 
 def deltas(base: Tensor, tuned: list[Tensor]) -> list[Tensor]:
@@ -269,20 +269,20 @@ def model_stock_ratio(base: Tensor, tuned: list[Tensor]) -> float:
 @register("linear", paper="https://arxiv.org/abs/2203.05482")
 def linear(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
     """(1 − λ)·aligned + λ·mean(fine-tuned)."""
-    return mean(tuned).mul_(lam).add_(base, alpha=1 - lam)
+    return mean(tuned, lam).add_(base, alpha=1 - lam)
 
 
 @register("slerp", paper="https://dl.acm.org/doi/10.1145/325165.325242", prepare=slerp_coefficients)
 def slerp(base: Tensor, tuned: list[Tensor], *, stats: tuple[float, float]) -> Tensor:
     """Spherical interpolation from aligned to mean(fine-tuned) by λ; linear when nearly parallel."""
     ca, cf = stats
-    return mean(tuned).mul_(cf).add_(base, alpha=ca)
+    return mean(tuned, cf).add_(base, alpha=ca)
 
 
 @register("task_arithmetic", paper="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(base: Tensor, tuned: list[Tensor], *, lam: float) -> Tensor:
     """aligned + λ·mean(fine-tuned − aligned)."""
-    return mean(deltas(base, tuned)).mul_(lam).add_(base)
+    return mean(deltas(base, tuned), lam).add_(base)
 
 
 @register("ties", paper="https://arxiv.org/abs/2306.01708", prepare=trims)
@@ -300,7 +300,7 @@ def dare_linear(
 ) -> Tensor:
     """aligned + λ·mean(drop-and-rescaled deltas)."""
     dropped = [drop_and_rescale(d, density, u) for d, u in zip(deltas(base, tuned), draws)]
-    return mean(dropped).mul_(lam).add_(base)
+    return mean(dropped, lam).add_(base)
 
 
 @register("dare_ties", paper="https://arxiv.org/abs/2311.03099")
@@ -315,4 +315,4 @@ def dare_ties(
 @register("model_stock", paper="https://arxiv.org/abs/2403.19522", prepare=model_stock_ratio, min_models=2)
 def model_stock(base: Tensor, tuned: list[Tensor], *, stats: float) -> Tensor:
     """t·mean(fine-tuned) + (1 − t)·aligned, t = N·c / (1 + (N − 1)·c), c = mean pairwise cosine."""
-    return mean(tuned).mul_(stats).add_(base, alpha=1 - stats)
+    return mean(tuned, stats).add_(base, alpha=1 - stats)
