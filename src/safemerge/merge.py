@@ -102,54 +102,63 @@ def pieces(plan: MergePlan):
             yield Piece(tp, tp.shared_rows, out_rows, added=True)
 
 
-def load(plan: MergePlan, p: Piece, draws: DareDraws | None):
-    """What a piece needs from disk, checked for NaN/Inf, and DARE's draws: run ahead on the
-    reader thread, which has time to spare while the merge computes."""
+@dataclass
+class Loaded:
+    """A piece's inputs, made ready on the reader thread."""
+
+    aligned: Tensor | None  # raw rows (None for added vocabulary rows)
+    tuned: list[Tensor]  # per fine-tuned input: raw rows, or float32 rows built from a LoRA adapter
+    draws: list[Tensor] | None = None  # DARE's uniform draws
+    stats: object = None  # the method's whole-tensor statistics
+
+
+def load(plan: MergePlan, p: Piece, draws: DareDraws | None) -> Loaded:
+    """Everything a piece needs before the merge proper, run ahead on the reader thread so that
+    it overlaps the merging of the previous piece: reads, NaN/Inf checks, fine-tuned rows from
+    adapters, DARE's draws and whole-tensor statistics."""
     name, rows = p.plan.name, (p.r0, p.r1)
-    aligned = None if p.added else read_checked(plan.aligned, name, rows)
+    aligned = None if p.added else read_checked(plan.aligned, name, rows, plan.aligned.spec)
     if not (p.plan.merge or p.added):
-        return aligned, [], None
-    tuned = [read_checked(t, name, rows) if isinstance(t, Checkpoint) else None for t in plan.tuned]
-    made = draws.next(name, aligned.shape) if draws and not p.added else None
-    return aligned, tuned, made
+        return Loaded(aligned, [])
+    tuned = [tuned_rows(t, name, aligned, rows) for t in plan.tuned]
+    if p.added:
+        return Loaded(aligned, tuned)
+    params = plan.config.params
+    return Loaded(aligned, tuned, draws and draws.next(name, aligned.shape), plan.method.stats(aligned, tuned, **params))
 
 
-def read_checked(source: Checkpoint, name: str, rows) -> Tensor:
-    x = source.read(name, rows)
+def read_checked(files, name: str, rows, where: str) -> Tensor:
+    x = files.read(name, rows)
     if x.is_floating_point():
-        check_finite(x, name, source.spec)
+        check_finite(x, name, where)
     return x
 
 
-def tuned_rows(t: Source, raw: Tensor | None, name: str, a: Tensor | None, rows) -> Tensor:
-    """Fine-tuned rows: a checkpoint's own (checked on reading), or from a LoRA adapter: the
-    aligned rows + delta in float32, or the adapter's own rows of added tokens."""
+def tuned_rows(t: Source, name: str, aligned: Tensor | None, rows) -> Tensor:
+    """Fine-tuned rows: a checkpoint's own, or from a LoRA adapter the aligned rows + delta in
+    float32 (or, for added vocabulary rows, the adapter's own)."""
     if isinstance(t, Checkpoint):
-        return raw
-    f = t.files.read(t.full[name], rows) if a is None else t.tuned(name, a.float(), rows)
+        return read_checked(t, name, rows, t.spec)
+    f = t.files.read(t.full[name], rows) if aligned is None else t.tuned(name, aligned.float(), rows)
     check_finite(f, name, t.spec)
     return f
 
 
-def outputs(plan: MergePlan, p: Piece, aligned_raw, tuned_raw, draws):
+def outputs(plan: MergePlan, p: Piece, x: Loaded):
     """The output chunks of a piece, each rounded once to the output dtype."""
     tp = p.plan
     if not (tp.merge or p.added):
-        yield aligned_raw.to(tp.dtype)
+        yield x.aligned.to(tp.dtype)
         return
-    fs = [tuned_rows(t, raw, tp.name, aligned_raw, (p.r0, p.r1)) for t, raw in zip(plan.tuned, tuned_raw)]
     if p.added:
-        yield rounded(methods.mean([f.float() for f in fs]), tp)
+        yield rounded(methods.mean([f.float() for f in x.tuned]), tp)
         return
-    params = plan.config.params
-    stats = plan.method.stats(aligned_raw, fs, **params)  # None unless the method needs them
     step, row = chunk_rows(tp.shape), math.prod(tp.shape[1:]) if tp.shape else 1
     for r0 in range(0, p.r1 - p.r0, step):
         part = slice(r0, r0 + step) if tp.shape else ...
-        u = [d[part] for d in draws] if draws else None
         out = plan.method.apply(
-            aligned_raw[part].float(), [f[part].float() for f in fs],
-            stats=stats, start=(p.r0 + r0) * row, draws=u, **params,
+            x.aligned[part].float(), [f[part].float() for f in x.tuned],
+            stats=x.stats, start=(p.r0 + r0) * row, draws=x.draws and [d[part] for d in x.draws], **plan.config.params,
         )
         yield rounded(out, tp)
 
@@ -172,14 +181,13 @@ def torch_threads(n: int):
 
 
 def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
-    """Merge every piece in output order; reads run ahead on a worker thread.
+    """Merge every piece in output order, with a reader thread running ahead.
 
-    Chunks of a plain merge are too small to share between torch threads: it runs on one,
-    leaving the other cores to the reader and writer threads. Methods with a whole-tensor
-    statistic are bound by computation and keep torch's threads.
+    Three threads share the work: the reader (I/O, checks, statistics), this one (the merge
+    proper) and the writer. Each runs torch on one core: chunks are too small to be worth
+    splitting, and the threads already keep the cores busy.
     """
-    threads = torch.get_num_threads() if plan.method.prepare else 1
-    with torch_threads(threads):
+    with torch_threads(1):
         stream_pieces(plan, writer, progress)
 
 
@@ -190,10 +198,10 @@ def stream_pieces(plan: MergePlan, writer: ShardedWriter, progress=None) -> None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safemerge-reader") as pool:
         ahead = [pool.submit(load, plan, p, draws) for p in work[:depth]]
         for i, p in enumerate(work):
-            aligned_raw, tuned_raw, made = ahead.pop(0).result()
+            loaded = ahead.pop(0).result()
             if i + depth < len(work):
                 ahead.append(pool.submit(load, plan, work[i + depth], draws))
-            for out in outputs(plan, p, aligned_raw, tuned_raw, made):
+            for out in outputs(plan, p, loaded):
                 writer.write(p.plan.name, out)
                 if progress:
                     progress(out.numel() * out.element_size())
