@@ -117,7 +117,7 @@ def load(plan: MergePlan, p: Piece, draws: DareDraws | None) -> Loaded:
     it overlaps the merging of the previous piece: reads, NaN/Inf checks, fine-tuned rows from
     adapters, DARE's draws and whole-tensor statistics."""
     name, rows = p.plan.name, (p.r0, p.r1)
-    aligned = None if p.added else read_checked(plan.aligned, name, rows, plan.aligned.spec)
+    aligned = None if p.added else read_checked(plan.aligned, name, rows)
     if not (p.plan.merge or p.added):
         return Loaded(aligned, [])
     tuned = [tuned_rows(t, name, aligned, rows) for t in plan.tuned]
@@ -127,10 +127,10 @@ def load(plan: MergePlan, p: Piece, draws: DareDraws | None) -> Loaded:
     return Loaded(aligned, tuned, draws and draws.next(name, aligned.shape), plan.method.stats(aligned, tuned, **params))
 
 
-def read_checked(files, name: str, rows, where: str) -> Tensor:
-    x = files.read(name, rows)
+def read_checked(source: Checkpoint, name: str, rows) -> Tensor:
+    x = source.read(name, rows)
     if x.is_floating_point():
-        check_finite(x, name, where)
+        check_finite(x, name, source.spec)
     return x
 
 
@@ -138,7 +138,7 @@ def tuned_rows(t: Source, name: str, aligned: Tensor | None, rows) -> Tensor:
     """Fine-tuned rows: a checkpoint's own, or from a LoRA adapter the aligned rows + delta in
     float32 (or, for added vocabulary rows, the adapter's own)."""
     if isinstance(t, Checkpoint):
-        return read_checked(t, name, rows, t.spec)
+        return read_checked(t, name, rows)
     f = t.files.read(t.full[name], rows) if aligned is None else t.tuned(name, aligned.float(), rows)
     check_finite(f, name, t.spec)
     return f
