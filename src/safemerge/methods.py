@@ -236,7 +236,11 @@ def slerp_coefficients(base: Tensor, tuned: list[Tensor], *, lam: float) -> tupl
 
     Linear coefficients (1 − λ, λ) when a norm is below 1e-8 or |cos θ| > 0.9995.
     """
-    g = dot_products(base, tuned, lambda s: [base.reshape(-1)[s].float(), mean([t.reshape(-1)[s].float() for t in tuned])])
+    def rows(s: slice) -> list[Tensor]:
+        fs = [t.reshape(-1)[s].float() for t in tuned]
+        return [base.reshape(-1)[s].float(), fs[0] if len(fs) == 1 else mean(fs)]
+
+    g = dot_products(base, tuned, rows)
     a_norm, f_norm = math.sqrt(g[0][0]), math.sqrt(g[1][1])
     c = g[0][1] / (a_norm * f_norm) if min(a_norm, f_norm) >= 1e-8 else 1.0
     if abs(c) > 0.9995:  # nearly parallel (or a zero tensor): the arc is a line
