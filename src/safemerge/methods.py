@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -152,6 +154,18 @@ def flat_chunks(n: int):
         yield slice(start, min(n, start + CHUNK))
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def over_chunks(fn: Callable[[slice], object], n: int) -> list:
+    """``fn`` on every flat chunk, in order, spread over the cores: a statistic pass is the
+    slow part of slerp, TIES and Model Stock, and its chunks are independent."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="safemerge-stats")
+    return list(_POOL.map(fn, flat_chunks(n)))
+
+
 def flat_delta(base: Tensor, fine: Tensor, s: slice) -> Tensor:
     """fine − base on a flat slice, in float32: bit for bit what a method computes on that chunk."""
     return fine.reshape(-1)[s].float() - base.reshape(-1)[s].float()
@@ -159,12 +173,12 @@ def flat_delta(base: Tensor, fine: Tensor, s: slice) -> Tensor:
 
 def dot_products(base: Tensor, tuned: list[Tensor], rows: Callable[[slice], list[Tensor]]) -> list[list[float]]:
     """All dot products among the float32 vectors ``rows(chunk)`` returns, summed over chunks in float64."""
-    total = None
-    for s in flat_chunks(base.numel()):
+    def dots(s: slice) -> list[list[float]]:
         r = rows(s)
-        part = [[float(torch.dot(x, y)) for y in r] for x in r]
-        total = part if total is None else [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(total, part)]
-    return total
+        return [[float(torch.dot(x, y)) for y in r] for x in r]
+
+    parts = over_chunks(dots, base.numel())
+    return [[math.fsum(p[i][j] for p in parts) for j in range(len(parts[0]))] for i in range(len(parts[0]))]
 
 
 @dataclass(frozen=True)
@@ -205,15 +219,15 @@ def trim_rule(base: Tensor, fine: Tensor, density: float) -> Trim:
     margin = 4 * math.sqrt(size) + 8
     hi = float(sample.kthvalue(size - max(0, int(pos - margin))).values)  # probably above the answer
     lo = float(sample.kthvalue(size - min(size - 1, int(pos + margin))).values)  # probably below it
-    above, values, positions = 0, [], []
-    for s in flat_chunks(n):
+    def bracket(s: slice) -> tuple[int, Tensor, Tensor]:
         m = flat_delta(base, fine, s).abs_()
         over = torch.gt(m, hi, out=torch.empty_like(m))  # float masks: much faster than bool ones here
-        above += int(over.sum())
         inside = torch.ge(m, lo, out=torch.empty_like(m)).sub_(over).nonzero().squeeze(1)
-        values.append(m[inside])
-        positions.append(inside.add_(s.start))
-    values, positions = torch.cat(values), torch.cat(positions)
+        return int(over.sum()), m[inside], inside.add_(s.start)
+
+    parts = over_chunks(bracket, n)
+    above = sum(p[0] for p in parts)
+    values, positions = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     if not above < k <= above + values.numel():  # the sample missed: select on everything
         above, values = 0, flat_delta(base, fine, slice(None)).abs_()
         positions = torch.arange(n)
