@@ -275,8 +275,6 @@ class Checkpoint:
     def __post_init__(self):
         self.hasher = ContentHasher(self.files.infos)
 
-    kind = "checkpoint"
-
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return self.files.infos
@@ -340,8 +338,6 @@ class LoraAdapter:
     modules: dict[str, LoraModule]  # aligned tensor name -> its LoRA delta
     full: dict[str, str]  # aligned tensor name -> key of a full fine-tuned tensor in the adapter
     _last: tuple[str, Tensor, Tensor] | None = field(default=None, repr=False)
-
-    kind = "adapter"
 
     def changes(self, name: str) -> bool:
         return name in self.modules or name in self.full

@@ -18,9 +18,9 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
