@@ -232,6 +232,11 @@ class ContentHasher:
         return top.hexdigest()
 
 
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer and chat-template files a model or adapter directory holds."""
+    return [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
+
+
 # --- model directories -----------------------------------------------------------------
 
 
@@ -288,9 +293,6 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         return "xxh3-128:" + self.hasher.digest(self.files)
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).exists()]
 
 
 def open_checkpoint(path: Path, spec: str, allow_pickle: bool) -> Checkpoint:
@@ -374,9 +376,6 @@ class LoraAdapter:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
         return "xxh3-128:" + h.hexdigest()
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).exists()]
 
 
 def pattern_value(patterns: dict, module: str, default):

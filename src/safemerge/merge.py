@@ -25,7 +25,7 @@ from .plan import MergePlan, Source, TensorPlan, plan_merge
 from .writer import Entry, ShardedWriter, atomic_directory, check_out, copy_file, plan_shards, shard_names, write_file
 
 HEADROOM = 64 << 20  # free space kept beyond the weights when checking the disk
-CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on ~4 MB float32 pieces: fast and flat in memory
+CHUNK_ELEMENTS = 1 << 20  # merges work on ~4 MB float32 pieces: fast, cache-warm and flat in memory
 @dataclass(frozen=True)
 class MergeResult:
     out: Path

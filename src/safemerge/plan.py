@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .checkpoints import Checkpoint, LoraAdapter, open_source
+from .checkpoints import Checkpoint, LoraAdapter, open_source, tokenizer_files
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError, IncompatibleModelsError
 
@@ -188,7 +188,7 @@ def output_metadata(cfg, aligned, tuned, va, grown_to, plans):
         model_config["vocab_size"] = vt
         tokenizer_source = first
         notes.append(f"vocabulary grew from {va} to {vt} tokens: shared rows merged, added rows are the fine-tuned models' mean; tokenizer from {first.spec}")
-    tokenizer = tokenizer_source.tokenizer_files()
+    tokenizer = tokenizer_files(tokenizer_source.path)
     if not tokenizer:
         raise CheckpointError(f"{tokenizer_source.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); the merged model needs them: copy them there")
     if cfg.dtype != "auto":
