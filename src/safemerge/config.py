@@ -105,13 +105,14 @@ class MergeConfig(BaseModel):
 
 # how the command line spells each field, for messages
 FLAGS = {"lam": "--lambda", "lambda": "--lambda", "shard_size": "--shard-size", "keep_aligned": "--keep-aligned",
-         "allow_pickle": "--allow-pickle", "aligned": "ALIGNED", "finetuned": "FINETUNED"}
+         "allow_pickle": "--allow-pickle", "aligned": "ALIGNED", "finetuned": "FINETUNED", "model": "MODEL",
+         "tasks": "--task", "pass_k": "--pass-k"}
 
 
-def validate(model: type[BaseModel], **values) -> BaseModel:
+def validate(config_class: type[BaseModel], **values) -> BaseModel:
     """Build a config, turning pydantic's report into one ConfigError line."""
     try:
-        return model(**values)
+        return config_class(**values)
     except ValidationError as e:
         parts = []
         for err in e.errors():
@@ -122,3 +123,51 @@ def validate(model: type[BaseModel], **values) -> BaseModel:
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{where}: {msg}" if where else msg)
         raise ConfigError("; ".join(parts)) from None
+
+
+PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class EvalConfig(BaseModel):
+    """One evaluation: a model's safety on harmful prompts and its score on the user's tasks.
+    The generation defaults are the paper's safety evaluation settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model directory, Hub id or LoRA adapter to evaluate")
+    out: Path = Field(description="directory for results.json, responses and judgements")
+    safety: list[str] = Field(default_factory=list, description="safety prompt sets: advbench[:PATH], hexphi:PATH, xstest[:PATH], file:PATH[:COLUMN]")
+    judge: str = Field("auto", description="keyword[:FILE], wildguard[:MODEL], llamaguard[:MODEL]; auto: keyword on CPU, wildguard on GPU")
+    tasks: list[str] = Field(default_factory=list, description="task sets: gsm8k[:PATH], bbh:PATH[:TASK], file:PATH[:SCORER], humaneval[:PATH], lm-eval:TASK")
+    system_prompt: str | None = Field(PAPER_SYSTEM_PROMPT, description="system prompt of every chat request; empty for none")
+    max_new_tokens: int = Field(512, ge=1)
+    repetition_penalty: float = Field(1.2, gt=0, description="repetition penalty of the safety generations")
+    task_repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty of the task generations (numbers and code repeat tokens)")
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts of each set")
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    chat_template: Path | None = Field(None, description="a Jinja chat template for a model that has none")
+    cache_dir: Path | None = Field(None, description="where generations are cached (default: the user cache directory)")
+    allow_code_execution: bool = Field(False, description="run model-written code (HumanEval) in sandboxed subprocesses")
+    samples: int = Field(1, ge=1, description="HumanEval completions per problem (n of pass@k)")
+    temperature: float = Field(0.8, gt=0, description="HumanEval sampling temperature when samples > 1")
+    pass_k: list[int] = Field(default_factory=lambda: [1], description="k values of pass@k")
+    bertscore_model: str = Field("microsoft/deberta-xlarge-mnli")
+    bertscore_layer: int = Field(40, ge=1)
+    seed: int = 0
+    force: bool = Field(False, description="replace an existing --out")
+    allow_pickle: bool = False
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return v or None
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.safety and not self.tasks:
+            raise ValueError("nothing to evaluate: give at least one --safety set or --task")
+        if any(k > self.samples for k in self.pass_k):
+            raise ValueError(f"pass@k needs k <= --samples ({self.samples}); got --pass-k {','.join(map(str, self.pass_k))}")
+        return self
