@@ -16,6 +16,8 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import ConfigError
+
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -134,7 +136,11 @@ class TransformersBackend:
 
     def encode(self, request: Request) -> list[int]:
         # raw text gets the tokenizer's special tokens (BOS); a rendered chat template has them already
-        return self.tokenizer(self.render(request), add_special_tokens=request.text is not None)["input_ids"]
+        ids = self.tokenizer(self.render(request), add_special_tokens=request.text is not None)["input_ids"]
+        if not ids:
+            raise ConfigError(f"prompt {request.id} encodes to no tokens with the tokenizer of {self.model_id}; "
+                              "check that the model directory holds its own tokenizer")
+        return ids
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  on_batch: Callable[[list[Completion]], None] | None = None) -> list[Completion]:
