@@ -14,6 +14,7 @@ import torch
 from conftest import build_model, lora_adapter, make_tokenizer, save_model
 
 from safemerge.evaluate import evaluate
+from test_bertscore import tiny_bert  # noqa: F401  (a fixture)
 from safemerge.judges import REFUSAL_KEYWORDS, xstest_label
 from safemerge.stats import wilson
 from safemerge.tasks import extract_number
@@ -199,3 +200,49 @@ def test_model_without_tokenizer_or_chat_template(files, tmp_path):
                 "--chat-template", str(template), "--limit", "2", "--max-new-tokens", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o3" / "results.json").read_text())["model"]["chat_template"] == str(template)
+
+
+def test_bertscore_file_task_through_evaluate(files, tiny_bert, tmp_path):
+    pytest.importorskip("bert_score")
+    from safemerge.bertscore import BertScoreScorer
+    from safemerge.tasks import load_file_task
+
+    data = tmp_path / "summaries.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}", "reference": "the cat sat on the mat"}) + "\n"
+                            for i in range(4)))
+    results = evaluate(str(files["model"]), tmp_path / "out", tasks=[f"file:{data}:bertscore"], max_new_tokens=5,
+                       bertscore_model=str(tiny_bert), bertscore_layer=2, cache_dir=tmp_path / "cache",
+                       progress=False).results
+    task = results["tasks"]["file:summaries.jsonl"]
+    answers = rows(tmp_path / "out" / task["responses"])
+    direct = BertScoreScorer(model=str(tiny_bert), layer=2).score(
+        load_file_task(str(data)).items, [[r["response"]] for r in answers])
+    assert task["scorer"] == "bertscore" and task["metrics"]["bertscore_f1"] == direct.metrics["bertscore_f1"].to_dict()
+    assert [r["f1"] for r in answers] == [r["f1"] for r in direct.per_item]
+
+
+def test_lm_eval_task_through_evaluate(files, tmp_path):
+    pytest.importorskip("lm_eval")
+    from safemerge.lm_eval_tasks import run_lm_eval
+    from safemerge.models import load_model
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"q": f"w{i} w{i + 1}", "choices": ["w5", "w6", "w7"], "label": i % 3}) + "\n"
+                            for i in range(6)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(
+        f"task: sm_eval_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"  cache_dir: {tmp_path / 'hf'}\ntest_split: test\ndoc_to_text: '{{{{q}}}}'\noutput_type: multiple_choice\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    results = evaluate(str(files["model"]), tmp_path / "out", tasks=["lm-eval:sm_eval_mc"], lm_eval_include=tasks,
+                       cache_dir=tmp_path / "cache", progress=False).results
+    record = results["tasks"]["lm-eval:sm_eval_mc"]
+    loaded = load_model(str(files["model"]), device="cpu")
+    direct = run_lm_eval(loaded.model, loaded.tokenizer, ["sm_eval_mc"], include_path=str(tasks))["sm_eval_mc"]
+    assert record["primary"] == "acc" and record["n"] == 6
+    assert record["metrics"]["acc"] == direct.metrics["acc"].to_dict()
+    assert len(rows(tmp_path / "out" / record["responses"])) == 6
+    r = run_cli("evaluate", str(files["model"]), "--out", str(tmp_path / "bad"), "--task", "lm-eval:no_such_task_xyz",
+                "--lm-eval-include", str(tasks), cwd=tmp_path)
+    assert r.returncode == 1 and "unknown lm-eval task" in r.stderr and len(r.stderr.strip().splitlines()) == 1

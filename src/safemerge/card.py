@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from . import methods
 

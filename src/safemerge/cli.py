@@ -99,7 +99,8 @@ def evaluate(
     samples: Annotated[int, typer.Option(help="HumanEval completions per problem (n of pass@k)")] = 1,
     temperature: Annotated[float, typer.Option(help="HumanEval sampling temperature when --samples > 1")] = 0.8,
     pass_k: Annotated[str, typer.Option(help="k values of pass@k, comma separated")] = "1",
-    bertscore_model: Annotated[str, typer.Option(help="BERTScore model")] = "microsoft/deberta-xlarge-mnli",
+    lm_eval_include: Annotated[Path | None, typer.Option(help="folder of your own lm-evaluation-harness task YAMLs")] = None,
+    bertscore_model: Annotated[str, typer.Option(help="BERTScore model (file:PATH:bertscore tasks)")] = "microsoft/deberta-xlarge-mnli",
     bertscore_layer: Annotated[int, typer.Option(help="BERTScore layer")] = 40,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
@@ -117,7 +118,8 @@ def evaluate(
                      task_repetition_penalty=task_repetition_penalty, batch_size=batch_size, limit=limit,
                      device=device, dtype=dtype, chat_template=chat_template, cache_dir=cache_dir,
                      allow_code_execution=allow_code_execution, samples=samples, temperature=temperature,
-                     pass_k=guarded(debug, parse_ints, pass_k, "--pass-k"), bertscore_model=bertscore_model,
+                     pass_k=guarded(debug, parse_ints, pass_k, "--pass-k"), lm_eval_include=lm_eval_include,
+                     bertscore_model=bertscore_model,
                      bertscore_layer=bertscore_layer, seed=seed, force=force, allow_pickle=allow_pickle,
                      progress=not quiet, invoked_as=shlex.join(["safemerge", *sys.argv[1:]]))
     if not quiet:

@@ -153,6 +153,7 @@ class EvalConfig(BaseModel):
     samples: int = Field(1, ge=1, description="HumanEval completions per problem (n of pass@k)")
     temperature: float = Field(0.8, gt=0, description="HumanEval sampling temperature when samples > 1")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values of pass@k")
+    lm_eval_include: Path | None = Field(None, description="folder of your own lm-evaluation-harness task YAMLs")
     bertscore_model: str = Field("microsoft/deberta-xlarge-mnli")
     bertscore_layer: int = Field(40, ge=1)
     seed: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -98,8 +99,12 @@ def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
         if spec.startswith("lm-eval:"):
             lm_eval.append(spec.removeprefix("lm-eval:"))
             continue
-        task = load_task(spec, **task_options(cfg))
+        task = load_task(spec, **task_options(cfg), bertscore_device=device)
         tasks.append(task if not cfg.limit else limit_task(task, cfg.limit))
+    if lm_eval:
+        from .lm_eval_tasks import check_tasks
+
+        check_tasks(lm_eval, str(cfg.lm_eval_include) if cfg.lm_eval_include else None)
     judge_spec = cfg.judge if cfg.judge != "auto" else ("keyword" if device == "cpu" else "wildguard")
     if safety:
         judging.make_judge(judge_spec, lambda spec: None)  # check the spec now; models load later
@@ -168,7 +173,9 @@ def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: C
         measured.records[f"responses/{slug(name)}.jsonl"] = [
             response_row(c, it.prompt) | item for it, cs, item in zip(task.items, by_item, score.per_item) for c in cs]
     for name in plan.lm_eval:
-        measured.tasks[f"lm-eval:{name}"] = timed(measured, f"lm-eval/{name}", lm_eval_record, backend, name, cfg)
+        record, per_item = timed(measured, f"lm-eval/{name}", lm_eval_record, backend, name, cfg)
+        measured.tasks[f"lm-eval:{name}"] = record | {"responses": f"responses/lm-eval_{slug(name)}.jsonl"}
+        measured.records[f"responses/lm-eval_{slug(name)}.jsonl"] = per_item
     return measured
 
 
@@ -189,14 +196,18 @@ def task_record(task: Task, score: TaskScore, settings: GenerationSettings) -> d
             "primary": score.primary, "metrics": score.metrics, "generation": settings.model_dump()}
 
 
-def lm_eval_record(backend: Backend, name: str, cfg: EvalConfig) -> dict:
+def lm_eval_record(backend: Backend, name: str, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """The harness drives the live model itself (its own prompts, few-shot and batching)."""
     from .lm_eval_tasks import run_lm_eval
 
     if not isinstance(backend, TransformersBackend):
         raise ConfigError(f"lm-eval:{name} runs on a transformers model; the {backend.name} backend cannot run it")
-    score = run_lm_eval(backend.model, backend.tokenizer, [name], limit=cfg.limit, batch_size=cfg.batch_size, seed=cfg.seed)[name]
-    return {"source": "lm-evaluation-harness", "n": next(iter(score.metrics.values())).n, "scorer": "lm-eval",
-            "primary": score.primary, "metrics": score.metrics}
+    include = str(cfg.lm_eval_include) if cfg.lm_eval_include else None
+    score = run_lm_eval(backend.model, backend.tokenizer, [name], limit=cfg.limit, batch_size=cfg.batch_size,
+                        include_path=include, seed=cfg.seed)[name]
+    record = {"source": "lm-evaluation-harness", "n": score.metrics[score.primary].n, "scorer": "lm-eval",
+              "primary": score.primary, "metrics": score.metrics}
+    return record, score.per_item
 
 
 def response_row(c: Completion, prompt: str) -> dict:
@@ -267,8 +278,11 @@ def results_record(cfg: EvalConfig, plan: EvalPlan, model: dict, measured: Measu
 
 
 def jsonable(value):
+    """Estimates as dicts, NaN (a rate of nothing) as null: results.json stays strict JSON."""
     if isinstance(value, Estimate):
-        return value.to_dict()
+        return jsonable(value.to_dict())
+    if isinstance(value, float) and math.isnan(value):
+        return None
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -295,7 +309,7 @@ def write_outputs(directory: Path, results: dict, records: dict[str, list[dict]]
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, "".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n" for r in rows))
-    write_file(directory / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_file(directory / "results.json", json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def slug(name: str) -> str:
@@ -351,7 +365,7 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
 
 def format_estimate(est: dict) -> str:
-    if est["value"] != est["value"]:  # nan: nothing could be judged
+    if est["value"] is None:  # nothing could be judged
         return "n/a"
     return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
 

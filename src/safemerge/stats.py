@@ -15,7 +15,7 @@ class Estimate:
     low: float
     high: float
     n: int
-    interval: str  # "wilson" or "bootstrap"
+    interval: str  # "wilson", "bootstrap" or "normal" (lm-evaluation-harness's standard errors)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +38,9 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> Estimate:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, "wilson")
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, not rounding noise
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Estimate(p, low, high, n, "wilson")
 
 
 def bootstrap_mean(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,

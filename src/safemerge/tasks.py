@@ -208,7 +208,8 @@ GSM8K_HUB, GSM8K_CONFIG = "openai/gsm8k", "main"
 GSM8K_INSTRUCTION = 'Solve the problem step by step, then give the final answer on the last line as "#### <number>".'
 BBH_QUESTION = "\n\nQ: {input}\nA: Let's think step by step."  # appended to the 3-shot CoT prompt
 HUMANEVAL_OPTIONS = ("samples", "temperature", "ks", "allow_code_execution", "timeout", "memory_mb")
-BERTSCORE_OPTIONS = ("bertscore_model", "bertscore_layer")  # accepted now, for the file scorer "bertscore"
+BERTSCORE_OPTIONS = ("bertscore_model", "bertscore_layer", "bertscore_device")  # for the file scorer "bertscore"
+FILE_SCORERS = (*SCORERS, "bertscore")
 
 
 def _nonempty(task: Task) -> Task:
@@ -286,10 +287,11 @@ def load_bbh(path: str, task: str | None = None) -> Task:
     return _nonempty(Task(name, str(root), items, BBHScorer(), system_prompt=False))
 
 
-def load_file_task(path: str, scorer: str = "exact") -> Task:
-    """A user's task: JSONL of {"prompt", "reference"} (+ optional "id") scored by exact, numeric or bbh."""
-    if scorer not in SCORERS:
-        raise ConfigError(f"unknown scorer {scorer!r} for {path}; available: {', '.join(SCORERS)}")
+def load_file_task(path: str, scorer: str = "exact", **bertscore_options) -> Task:
+    """A user's task: JSONL of {"prompt", "reference"} (+ optional "id") scored by exact, numeric, bbh
+    or bertscore (bertscore_model / bertscore_layer choose its model and layer)."""
+    if scorer not in FILE_SCORERS:
+        raise ConfigError(f"unknown scorer {scorer!r} for {path}; available: {', '.join(FILE_SCORERS)}")
     file = existing_file(path, "task file")
     items, seen = [], set()
     for i, (where, row) in enumerate(read_jsonl(file)):
@@ -301,14 +303,24 @@ def load_file_task(path: str, scorer: str = "exact") -> Task:
             raise ConfigError(f"{file} {where}: id {item_id!r} appears twice; ids must be unique")
         seen.add(item_id)
         items.append(TaskItem(item_id, prompt, reference))
-    return _nonempty(Task(f"file:{file.name}", str(file), tuple(items), SCORERS[scorer]()))
+    return _nonempty(Task(f"file:{file.name}", str(file), tuple(items), make_scorer(scorer, **bertscore_options)))
+
+
+def make_scorer(name: str, bertscore_model: str | None = None, bertscore_layer: int | None = None,
+                bertscore_device: str | None = None) -> Scorer:
+    if name != "bertscore":
+        return SCORERS[name]()
+    from .bertscore import BertScoreScorer  # lazily: bert-score is an optional extra
+
+    chosen = {"model": bertscore_model, "layer": bertscore_layer, "device": bertscore_device}
+    return BertScoreScorer(**{k: v for k, v in chosen.items() if v is not None})
 
 
 def load_task(spec: str, **options) -> Task:
     """A task from its spec: gsm8k[:PATH], bbh:PATH[:TASK], humaneval[:PATH], file:PATH[:SCORER].
 
     options: split (gsm8k); samples, temperature, ks, allow_code_execution, timeout, memory_mb
-    (humaneval; None means the loader's default); bertscore_model, bertscore_layer (not used yet).
+    (humaneval; None means the loader's default); bertscore_model, bertscore_layer (file:PATH:bertscore).
     Options a task does not use are ignored, so one set of options can serve every task."""
     unknown = set(options) - {"split", *HUMANEVAL_OPTIONS, *BERTSCORE_OPTIONS}
     if unknown:
@@ -328,5 +340,6 @@ def load_task(spec: str, **options) -> Task:
         return load_bbh(*split_path_option(path))
     if name == "file":
         file, scorer = split_path_option(path)
-        return load_file_task(file, scorer or "exact")
+        chosen = {k: v for k, v in options.items() if k in BERTSCORE_OPTIONS}
+        return load_file_task(file, scorer or "exact", **chosen)
     raise ConfigError(f"unknown task {spec!r}; known: {KNOWN_TASKS}")
