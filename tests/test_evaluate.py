@@ -246,3 +246,20 @@ def test_lm_eval_task_through_evaluate(files, tmp_path):
     r = run_cli("evaluate", str(files["model"]), "--out", str(tmp_path / "bad"), "--task", "lm-eval:no_such_task_xyz",
                 "--lm-eval-include", str(tasks), cwd=tmp_path)
     assert r.returncode == 1 and "unknown lm-eval task" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_humaneval_runs_the_model_code_only_when_allowed(files, tmp_path):
+    he = tmp_path / "he.jsonl"
+    he.write_text("".join(json.dumps({"task_id": f"t/{i}", "prompt": f"def f{i}():\n", "canonical_solution": f"    return {i}\n",
+                                      "test": f"def check(f):\n    assert f() == {i}\n", "entry_point": f"f{i}"}) + "\n"
+                          for i in range(3)))
+    results = evaluate(str(files["model"]), tmp_path / "out", tasks=[f"humaneval:{he}"], samples=2, pass_k=[1, 2],
+                       temperature=1.0, max_new_tokens=6, allow_code_execution=True, cache_dir=tmp_path / "cache",
+                       progress=False).results
+    task = results["tasks"]["humaneval"]
+    answers = rows(tmp_path / "out" / task["responses"])
+    assert len(answers) == 6 and {r["sample"] for r in answers} == {0, 1}
+    assert task["generation"]["do_sample"] is True and task["generation"]["num_samples"] == 2
+    # a random model writes no working function: every program runs and fails
+    assert task["metrics"]["pass@1"]["value"] == 0 and task["metrics"]["pass@2"]["value"] == 0
+    assert all(status == "failed" for r in answers for status in r["statuses"])
