@@ -222,14 +222,20 @@ class ContentHasher:
             self._partial[name] = (r1, h)
 
     def digest(self, files: TensorFiles) -> str:
-        top = xxhash.xxh3_128()
         for name in sorted(self._infos):
             if name not in self._done:
                 self._partial.pop(name, None)
                 self.feed(name, 0, self._infos[name].rows, files.read(name))
-            info = self._infos[name]
-            top.update(f"{name}|{DTYPE_NAMES.get(info.dtype, info.dtype)}|{list(info.shape)}|{self._done[name]}\n".encode())
-        return top.hexdigest()
+        return combine_digests({n: (i.dtype, i.shape, self._done[n]) for n, i in self._infos.items()})
+
+
+def combine_digests(tensors: dict[str, tuple[torch.dtype, tuple[int, ...], str]]) -> str:
+    """The model fingerprint from each tensor's (dtype, shape, XXH3-128 of its bytes)."""
+    top = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        dtype, shape, digest = tensors[name]
+        top.update(f"{name}|{DTYPE_NAMES.get(dtype, dtype)}|{list(shape)}|{digest}\n".encode())
+    return top.hexdigest()
 
 
 def tokenizer_files(directory: Path) -> list[Path]:

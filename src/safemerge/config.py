@@ -172,3 +172,94 @@ class EvalConfig(BaseModel):
         if any(k > self.samples for k in self.pass_k):
             raise ValueError(f"pass@k needs k <= --samples ({self.samples}); got --pass-k {','.join(map(str, self.pass_k))}")
         return self
+
+
+DEFAULT_SWEEP_METHODS = ("linear", "slerp", "dare_linear", "ties", "model_stock")
+DEFAULT_LAMBDAS = (0.2, 0.4, 0.6, 0.8)
+# EvalConfig fields a sweep passes through unchanged to every trial's evaluation
+EVAL_FIELDS = ("judge", "system_prompt", "max_new_tokens", "repetition_penalty", "task_repetition_penalty", "batch_size",
+               "limit", "device", "dtype", "chat_template", "cache_dir", "allow_code_execution", "samples", "temperature",
+               "pass_k", "lm_eval_include", "bertscore_model", "bertscore_layer", "seed", "allow_pickle")
+
+
+class SweepConfig(BaseModel):
+    """A sweep: merge the aligned model with its fine-tune(s) by every method and λ, evaluate each
+    merge, choose one and write it with a report. Also the schema of `safemerge run CONFIG.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    aligned: str = Field(description="the safety-aligned model: a directory or a Hub id")
+    finetuned: list[str] = Field(min_length=1, description="fine-tuned models or LoRA adapters; several are seeds of one fine-tuning")
+    out: Path = Field(description="the run directory: trials, results.json, report, merged/")
+    methods: list[str] | None = Field(None, description="merge methods (default: linear, slerp, dare_linear, ties, and model_stock with ≥ 2 fine-tunes)")
+    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS), min_length=1, description="λ grid (weight of the fine-tuned model)")
+    search: Literal["grid", "bisect"] = "grid"
+    tolerance: float = Field(0.05, gt=0, lt=1, description="bisection stops when the λ interval is this narrow")
+    policy: Literal["constrained", "paper"] = "constrained"
+    max_asr_increase: float = Field(0.02, ge=0, le=1, description="constrained policy: allowed ASR rise over the aligned model")
+    density: float | None = Field(None, gt=0, le=1, description=f"ties/dare density (default {DEFAULT_DENSITY})")
+    merge_seed: int = Field(DEFAULT_SEED, ge=0, description="seed of the DARE drop masks")
+    merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype of the merged weights")
+    safety: list[str] = Field(default_factory=list, min_length=1, description="safety prompt sets (see `safemerge evaluate`)")
+    selection_fraction: float = Field(0.5, gt=0, lt=1, description="part of each safety set used to choose; the rest is reported")
+    split_seed: int = 0
+    task_val: list[str] = Field(default_factory=list, min_length=1, description="tasks whose score chooses λ")
+    task_test: list[str] = Field(default_factory=list, description="tasks reported for the chosen merge")
+    keep: Literal["chosen", "all", "none"] = Field("chosen", description="which merged models to write")
+    executor: Literal["local"] = "local"
+    # evaluation settings, as in `safemerge evaluate`
+    judge: str = "auto"
+    system_prompt: str | None = PAPER_SYSTEM_PROMPT
+    max_new_tokens: int = Field(512, ge=1)
+    repetition_penalty: float = Field(1.2, gt=0)
+    task_repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1)
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype the trial models compute in")
+    chat_template: Path | None = None
+    cache_dir: Path | None = Field(None, description="generation cache (default RUN/cache)")
+    allow_code_execution: bool = False
+    samples: int = Field(1, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    pass_k: list[int] = Field(default_factory=lambda: [1])
+    lm_eval_include: Path | None = None
+    bertscore_model: str = "microsoft/deberta-xlarge-mnli"
+    bertscore_layer: int = Field(40, ge=1)
+    seed: int = 0
+    allow_pickle: bool = False
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, values):
+        for v in values:
+            if not 0 < v < 1:
+                raise ValueError(f"grid λ values lie strictly between 0 and 1 (0 and 1 are the baselines, always evaluated); got {v}")
+        return sorted(set(values))
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return v or None
+
+    @model_validator(mode="after")
+    def _methods(self):
+        for name in self.methods or []:
+            m = methods.METHODS.get(name)
+            if m is None:
+                raise ValueError(f"unknown method {name!r}; available: {', '.join(methods.METHODS)}")
+            if len(self.finetuned) < m.min_models:
+                raise ValueError(f"{name} needs at least {m.min_models} fine-tuned models (seeds), got {len(self.finetuned)}")
+        return self
+
+    @property
+    def method_list(self) -> list[str]:
+        if self.methods is not None:
+            return list(dict.fromkeys(self.methods))
+        return [m for m in DEFAULT_SWEEP_METHODS if len(self.finetuned) >= methods.METHODS[m].min_models]
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluation every trial runs (the model field names the aligned model, for the record)."""
+        return EvalConfig(model=self.aligned, out=self.out, safety=self.safety, tasks=self.task_val + self.task_test,
+                          cache_dir=self.cache_dir or self.out / "cache",
+                          **{k: getattr(self, k) for k in EVAL_FIELDS if k != "cache_dir"})

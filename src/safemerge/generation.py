@@ -127,6 +127,11 @@ class TransformersBackend:
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def precision(self) -> str:
+        """Where and in which dtype the model computes: the same weights give other tokens elsewhere."""
+        return f"{self.device.type}/{str(self.model.dtype).removeprefix('torch.')}"
+
     def render(self, request: Request) -> str:
         if request.text is not None:
             return request.text
@@ -233,6 +238,7 @@ class CachedBackend:
             "backend": self.backend.name,
             "model": self.backend.model_id,
             "batch_size": getattr(self.backend, "batch_size", None),
+            "precision": getattr(self.backend, "precision", None),
             "settings": settings.model_dump(),
             "prompts": [[r.id, r.text is not None, self.render(r)] for r in requests],
         }
