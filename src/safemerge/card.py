@@ -42,7 +42,7 @@ def provenance(cfg, result, invoked_as: str | None = None) -> dict:
     }
 
 
-def model_card(cfg, result, invoked_as: str | None = None) -> str:
+def model_card(cfg, result, invoked_as: str | None = None, note: str | None = None) -> str:
     from .merge import command_line
 
     m = methods.METHODS[cfg.method]
@@ -53,6 +53,7 @@ def model_card(cfg, result, invoked_as: str | None = None) -> str:
     )
     notes = "".join(f"- {n}\n" for n in result.notes) or "- none\n"
     ran = f"\nThe command that was run:\n\n```bash\n{invoked_as}\n```\n" if invoked_as else ""
+    chosen = f"\n## How it was chosen\n\n{note}\n" if note else ""
     return f"""---
 base_model: {json.dumps(cfg.aligned)}
 tags:
@@ -88,7 +89,7 @@ that fine-tuning erodes while keeping the task gain.
 ```bash
 {command_line(cfg)}
 ```
-{ran}"""
+{ran}{chosen}"""
 
 
 @contextmanager

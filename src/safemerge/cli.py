@@ -127,6 +127,146 @@ def evaluate(
     typer.echo(f"wrote {result.out}/results.json")
 
 
+SWEEP_EXAMPLES = """
+Examples:
+
+  safemerge sweep --aligned meta-llama/Meta-Llama-3-8B-Instruct --finetuned ./seed0 ./seed1 ./seed2 --out ./run
+                  --safety advbench --judge wildguard --task-val gsm8k:val.jsonl --task-test gsm8k:test.jsonl
+
+  safemerge sweep --aligned ./aligned --finetuned ./sft-lora --out ./run --methods linear,slerp --search bisect
+                  --safety advbench:harmful_behaviors.csv --task-val file:val.jsonl:exact
+"""
+
+
+@app.command(epilog=SWEEP_EXAMPLES)
+def sweep(
+    aligned: Annotated[str, typer.Option(help="the safety-aligned model: a directory or a Hub id")],
+    finetuned: Annotated[list[str], typer.Option(help="fine-tuned model or LoRA adapter; several (seeds of one fine-tuning) may follow")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory: trials, results.json, report, merged/")],
+    more_finetuned: Annotated[list[str] | None, typer.Argument(help="more fine-tuned seeds", show_default=False)] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated merge methods (default linear,slerp,dare_linear,ties and model_stock with ≥ 2 seeds)")] = None,
+    lambdas: Annotated[str, typer.Option(help="comma-separated λ grid, strictly between 0 and 1")] = "0.2,0.4,0.6,0.8",
+    search: Annotated[str, typer.Option(help="grid, or bisect: per method the largest λ meeting the safety constraint")] = "grid",
+    tolerance: Annotated[float, typer.Option(help="bisection tolerance on λ")] = 0.05,
+    policy: Annotated[str, typer.Option(help="constrained (best validation score within the ASR bound) or paper (best validation score)")] = "constrained",
+    max_asr_increase: Annotated[float, typer.Option(help="constrained: allowed rise of the ASR's 95% upper bound over the aligned model's ASR")] = 0.02,
+    density: Annotated[float | None, typer.Option(help="ties/dare density (default 0.5)")] = None,
+    merge_seed: Annotated[int, typer.Option(help="seed of the DARE drop masks")] = cfg_defaults.DEFAULT_SEED,
+    merge_dtype: Annotated[str, typer.Option(help="dtype of the merged weights: auto (the aligned model's), bfloat16, float16, float32")] = "auto",
+    safety: Annotated[list[str] | None, typer.Option(help="safety set (repeatable), as in `safemerge evaluate`")] = None,
+    selection_fraction: Annotated[float, typer.Option(help="part of each safety set used to choose; the rest is reported")] = 0.5,
+    judge: Annotated[str, typer.Option(help="keyword[:FILE], wildguard[:MODEL], llamaguard[:MODEL]; auto: keyword on CPU, wildguard on GPU")] = "auto",
+    task_val: Annotated[list[str] | None, typer.Option(help="validation task (repeatable): its score chooses λ")] = None,
+    task_test: Annotated[list[str] | None, typer.Option(help="test task (repeatable): reported")] = None,
+    keep: Annotated[str, typer.Option(help="merged models to write: chosen, all or none")] = "chosen",
+    system_prompt: Annotated[str, typer.Option(help="system prompt of every chat request ('' for none)")] = cfg_defaults.PAPER_SYSTEM_PROMPT,
+    max_new_tokens: Annotated[int, typer.Option(help="longest response, in tokens")] = 512,
+    repetition_penalty: Annotated[float, typer.Option(help="repetition penalty of safety generations")] = 1.2,
+    task_repetition_penalty: Annotated[float, typer.Option(help="repetition penalty of task generations")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="prompts generated together")] = 8,
+    limit: Annotated[int | None, typer.Option(help="only the first N prompts of each set")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="dtype the trial models compute in: auto, bfloat16, float16, float32")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="generation cache (default RUN/cache)")] = None,
+    allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="run model-written code (HumanEval), sandboxed")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt checkpoints with torch.load(weights_only=True)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no table")] = False,
+    debug: DebugOpt = False,
+):
+    """Merge by every method and λ, evaluate each merge, choose one, and write it with a report."""
+    values = dict(aligned=aligned, finetuned=[*finetuned, *(more_finetuned or [])], out=out,
+                  methods=guarded(debug, parse_list, methods, "--methods") if methods else None,
+                  lambdas=guarded(debug, parse_floats, lambdas, "--lambdas"), search=search, tolerance=tolerance,
+                  policy=policy, max_asr_increase=max_asr_increase, density=density, merge_seed=merge_seed,
+                  merge_dtype=merge_dtype, safety=safety or [], selection_fraction=selection_fraction, judge=judge,
+                  task_val=task_val or [], task_test=task_test or [], keep=keep, system_prompt=system_prompt,
+                  max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                  task_repetition_penalty=task_repetition_penalty, batch_size=batch_size, limit=limit, device=device,
+                  dtype=dtype, cache_dir=cache_dir, allow_code_execution=allow_code_execution, allow_pickle=allow_pickle)
+    run_sweep_values(values, quiet, debug)
+
+
+@app.command("run")
+def run_config(
+    config: Annotated[Path, typer.Argument(help="a YAML file with the sweep's settings (the fields of `safemerge sweep`)")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no table")] = False,
+    debug: DebugOpt = False,
+):
+    """Run a sweep described by one YAML file."""
+    run_sweep_values(guarded(debug, read_yaml, config), quiet, debug)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="a run directory written by `safemerge sweep`")],
+    debug: DebugOpt = False,
+):
+    """Rebuild results.json and the report of RUN from its stored trials (no model is loaded)."""
+    from .sweep import rebuild_report
+
+    results = guarded(debug, rebuild_report, run)
+    print_sweep_summary(results)
+    typer.echo(f"wrote {run}/results.json, {run}/report.md and {run}/report.html")
+
+
+def run_sweep_values(values: dict, quiet: bool, debug: bool) -> None:
+    from .config import SweepConfig, validate
+    from .sweep import sweep as run_sweep
+
+    quiet_libraries()
+    cfg = guarded(debug, validate, SweepConfig, **values)
+    result = guarded(debug, run_sweep, cfg, progress=not quiet, invoked_as=shlex.join(["safemerge", *sys.argv[1:]]))
+    if not quiet:
+        print_sweep_summary(result.results)
+    typer.echo(f"{result.results['choice']['reason']}")
+    typer.echo(f"wrote {result.out}/results.json, report.md and report.html"
+               + (f"; the chosen model is in {result.out}/merged" if result.results.get("merged") else ""))
+
+
+def print_sweep_summary(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import paper_table
+
+    header, rows = paper_table(results)
+    table = Table(title="safemerge sweep")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    from .errors import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sweep settings (aligned:, finetuned:, out:, ...)")
+    return data  # relative paths in it are relative to the current directory, as on the command line
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    from .errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.2,0.4; got {text!r}") from None
+
+
 def parse_ints(text: str, flag: str) -> list[int]:
     from .errors import ConfigError
 

@@ -302,14 +302,14 @@ def package_versions() -> dict:
     return found
 
 
-def write_outputs(directory: Path, results: dict, records: dict[str, list[dict]]) -> None:
+def write_outputs(directory: Path, results: dict, records: dict[str, list[dict]], name: str = "results.json") -> None:
     from .writer import write_file
 
-    for name, rows in records.items():
-        path = directory / name
+    for relative, rows in records.items():
+        path = directory / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, "".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n" for r in rows))
-    write_file(directory / "results.json", json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    write_file(directory / name, json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def slug(name: str) -> str:

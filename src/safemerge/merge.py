@@ -250,7 +250,9 @@ def merge(
     return run(cfg, progress=progress, invoked_as=invoked_as, dry_run=dry_run)
 
 
-def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None, dry_run: bool = False) -> MergeResult:
+def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None, dry_run: bool = False,
+        note: str | None = None) -> MergeResult:
+    """``note``: a paragraph for the model card (how this merge was chosen)."""
     plan = plan_merge(cfg)
     try:
         check_out(cfg.out, cfg.force)
@@ -259,7 +261,7 @@ def run(cfg: MergeConfig, progress: bool = True, invoked_as: str | None = None, 
             files = shard_names(len(plan_shards(entries(plan), cfg.shard_size)))
             return MergeResult(Path(os.path.abspath(cfg.out)), cfg.method, cfg.params, {}, files,
                                len(plan.tensors), plan.notes, plan.output_bytes, dry_run=True)
-        return write_merge(plan, progress, invoked_as)
+        return write_merge(plan, progress, invoked_as, note)
     finally:
         plan.close()
 
@@ -289,7 +291,7 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None) -> MergeResult:
+def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None, note: str | None = None) -> MergeResult:
     from . import card  # noqa: PLC0415  (imported late: the card is needed only here)
 
     cfg = plan.config
@@ -314,7 +316,7 @@ def write_merge(plan: MergePlan, progress: bool, invoked_as: str | None = None) 
             sorted(set(weight_map.values())), len(weight_map), plan.notes, plan.output_bytes,
         )
         write_file(tmp / "safemerge.json", card.dump_json(card.provenance(cfg, result, invoked_as)))
-        write_file(tmp / "README.md", card.model_card(cfg, result, invoked_as))
+        write_file(tmp / "README.md", card.model_card(cfg, result, invoked_as, note))
     return result
 
 

@@ -1,0 +1,469 @@
+"""`safemerge sweep`: merge by every method and λ, evaluate each merge, choose one, write it.
+
+A *trial* is one model to evaluate: the aligned model (λ = 0), a fine-tuned model (λ = 1) or a
+merge. Trials are self-contained and serialisable (a Trial plus the SweepConfig), so an executor
+can run them anywhere; the local executor runs them one after the other in this process, with
+the aligned model loaded once and each trial's weights set in place by the merge stream that
+`safemerge merge` runs. A finished trial is stored atomically under RUN/trials/<key>/, keyed by
+the inputs' content fingerprints, the method, its parameters and the evaluation settings: a
+sweep stopped at any point and started again redoes no finished trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from . import choose as choosing
+from .config import MergeConfig, SweepConfig
+from .errors import ConfigError
+from .evaluate import (
+    EvalPlan,
+    Measured,
+    build_judge,
+    generate_and_score,
+    jsonable,
+    judge_all,
+    unique_names,
+    write_outputs,
+)
+from .generation import TransformersBackend
+from .prompts import load_safety_set
+from .tasks import Task, load_task
+
+PARTS = ("selection", "report")
+
+
+# --- trials --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    kind: str  # "aligned", "finetuned" or "merge"
+    method: str
+    lam: float | None
+    density: float | None
+    seed: int | None  # index of the fine-tuned input; None when a trial uses all of them
+    finetuned: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        if self.kind == "aligned":
+            return "aligned"
+        if self.kind == "finetuned":
+            return f"fine-tuned (seed {self.seed})"
+        lam = "" if self.lam is None else f" λ={self.lam:g}"
+        seed = "" if self.seed is None else f" (seed {self.seed})"
+        return f"{self.method}{lam}{seed}"
+
+    def merge_config(self, cfg: SweepConfig, out: Path) -> MergeConfig:
+        """The `safemerge merge` that makes this trial's model (baselines: linear at λ 0 or 1)."""
+        return MergeConfig(aligned=cfg.aligned, finetuned=list(self.finetuned), out=out, method=self.method,
+                           lam=self.lam, density=self.density,
+                           seed=cfg.merge_seed, dtype=cfg.merge_dtype, allow_pickle=cfg.allow_pickle)
+
+
+def baselines(cfg: SweepConfig) -> list[Trial]:
+    aligned = Trial("aligned", "linear", 0.0, None, None, (cfg.finetuned[0],))
+    return [aligned] + [Trial("finetuned", "linear", 1.0, None, i, (f,)) for i, f in enumerate(cfg.finetuned)]
+
+
+def merge_trial(cfg: SweepConfig, method: str, lam: float | None, seed: int | None) -> Trial:
+    from .methods import METHODS
+
+    takes = METHODS[method].parameters
+    density = (cfg.density if cfg.density is not None else 0.5) if "density" in takes else None
+    finetuned = tuple(cfg.finetuned) if seed is None else (cfg.finetuned[seed],)
+    return Trial("merge", method, round(lam, 6) if "lam" in takes else None, density, seed, finetuned)
+
+
+def grid_trials(cfg: SweepConfig) -> list[Trial]:
+    """Each method at each λ for each seed; a method that combines the seeds (model_stock) once."""
+    from .methods import METHODS
+
+    trials = []
+    for method in cfg.method_list:
+        m = METHODS[method]
+        seeds = [None] if m.min_models > 1 else range(len(cfg.finetuned))
+        lambdas = cfg.lambdas if "lam" in m.parameters else [None]
+        trials += [merge_trial(cfg, method, lam, seed) for lam in lambdas for seed in seeds]
+    return trials
+
+
+# --- what every trial evaluates ------------------------------------------------------------
+
+
+def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
+    """Each safety set split into its selection and report parts; val and test tasks."""
+    for spec in cfg.task_val + cfg.task_test:
+        if spec.startswith("lm-eval:"):
+            raise ConfigError(f"{spec}: lm-evaluation-harness tasks are not supported in sweeps yet; "
+                              "use bbh:PATH[:TASK], gsm8k or file:PATH[:SCORER], or `safemerge evaluate` on the result")
+    safety = {}
+    for pset in unique_names(load_safety_set(s) for s in cfg.safety).values():
+        pset = pset.limit(cfg.limit) if cfg.limit else pset
+        for part in pset.split(cfg.selection_fraction, cfg.split_seed):
+            safety[part.name] = part
+    eval_cfg = cfg.eval_config()
+    options = {"samples": cfg.samples, "temperature": cfg.temperature, "ks": tuple(cfg.pass_k),
+               "allow_code_execution": cfg.allow_code_execution, "bertscore_model": cfg.bertscore_model,
+               "bertscore_layer": cfg.bertscore_layer, "bertscore_device": device}
+    tasks = {}
+    for role, specs in (("val", cfg.task_val), ("test", cfg.task_test)):
+        for name, task in unique_names(load_task(s, **options) for s in specs).items():
+            tasks[f"{role}/{name}"] = replace(task, items=task.items[:cfg.limit]) if cfg.limit else task
+    judge_spec = eval_cfg.judge if eval_cfg.judge != "auto" else ("keyword" if device == "cpu" else "wildguard")
+    from .judges import make_judge
+
+    make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
+    return EvalPlan(safety, tasks, [], judge_spec)
+
+
+def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
+    """Everything about the evaluation that changes a trial's results."""
+    settings = cfg.eval_config().model_dump(mode="json", exclude={"model", "out", "cache_dir", "force", "safety", "tasks"})
+    return {
+        "settings": settings,
+        "safety": {name: pset.sha256 for name, pset in plan.safety.items()},
+        "tasks": {name: task_digest(task) for name, task in plan.tasks.items()},
+        "judge": plan.judge_spec,
+        "merge": {"dtype": cfg.merge_dtype, "seed": cfg.merge_seed},
+    }
+
+
+def task_digest(task: Task) -> str:
+    items = [[it.id, it.prompt, it.reference] for it in task.items]
+    return hashlib.sha256(json.dumps([task.scorer.name, task.generation, items]).encode()).hexdigest()
+
+
+def trial_key(trial: Trial, fingerprints: dict[str, str], identity: dict) -> str:
+    payload = {"trial": {k: v for k, v in asdict(trial).items() if k != "finetuned"},
+               "aligned": fingerprints[CFG_ALIGNED], "finetuned": [fingerprints[f] for f in trial.finetuned],
+               "evaluation": identity}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+CFG_ALIGNED = "\0aligned"  # key of the aligned model in the fingerprint table
+
+
+# --- running trials ------------------------------------------------------------------------
+
+
+class TrialRunner:
+    """What one process needs to run trials, loaded once: the aligned model (whose weights each
+    trial overwrites in place), the evaluation plan and the judge."""
+
+    def __init__(self, cfg: SweepConfig, status: Callable[[str], None] = lambda text: None):
+        from .models import load_model, pick_device
+
+        self.cfg = cfg
+        self.eval_cfg = cfg.eval_config()
+        self.device = pick_device(cfg.device)
+        self.plan = sweep_plan(cfg, self.device)
+        self.live = load_model(cfg.aligned, device=self.device, dtype=cfg.dtype, chat_template=cfg.chat_template,
+                               allow_pickle=cfg.allow_pickle)
+        self.judge = None
+        self.status = status
+
+    def run(self, trial: Trial) -> tuple[dict, Measured]:
+        from .inplace import merge_into
+
+        started = time.perf_counter()
+        self.status(f"{trial.label}: merging")
+        fingerprint = merge_into(self.live.model, trial.merge_config(self.cfg, self.cfg.out / "merged"))
+        merged = time.perf_counter()
+        backend = TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
+                                      batch_size=self.cfg.batch_size)
+        self.status(f"{trial.label}: generating")
+        measured = generate_and_score(backend, self.plan, self.eval_cfg, lambda description, total: lambda n: None)
+        generated = time.perf_counter()
+        if self.judge is None:
+            self.judge = build_judge(self.plan.judge_spec, self.eval_cfg, self.device)
+        self.status(f"{trial.label}: judging")
+        judge_all(measured, self.plan, self.judge, lambda description, total: lambda n: None)
+        seconds = {"merge": merged - started, "generate": generated - merged,
+                   "judge": sum(v for k, v in measured.seconds.items() if k.startswith("judge/")),
+                   "score": sum(v for k, v in measured.seconds.items() if k.startswith("score/")),
+                   "total": time.perf_counter() - started}
+        seconds["generate"] -= seconds["score"]  # scoring happens inside generate_and_score
+        return trial_record(trial, fingerprint, measured, seconds), measured
+
+
+def trial_record(trial: Trial, fingerprint: str, measured: Measured, seconds: dict) -> dict:
+    safety: dict[str, dict] = {}
+    for name, record in measured.safety.items():
+        base, part = name.rsplit("/", 1)
+        safety.setdefault(base, {})[part] = {k: v for k, v in record.items()
+                                             if k not in ("generation", "source", "sha256", "responses", "judgements")}
+    tasks: dict[str, dict] = {"val": {}, "test": {}}
+    for name, record in measured.tasks.items():
+        role, task = name.split("/", 1)
+        tasks[role][task] = {"primary": record["primary"], "metrics": record["metrics"], "n": record["n"]}
+    record = {"kind": trial.kind, "method": trial.method, "lam": trial.lam, "density": trial.density, "seed": trial.seed,
+              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint,
+              "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
+              "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    return jsonable(record)
+
+
+def mean_primary(tasks: dict[str, dict]) -> float | None:
+    values = [t["metrics"][t["primary"]].value for t in tasks.values()]
+    if not values or any(v is None or math.isnan(v) for v in values):
+        return None
+    return math.fsum(values) / len(values)
+
+
+class TrialStore:
+    """RUN/trials/<key>/: trial.json plus the trial's responses and judgements, each trial
+    directory published atomically, so a kill never leaves half a trial behind."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, key: str) -> dict | None:
+        path = self.root / key / "trial.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, key: str, record: dict, measured: Measured) -> None:
+        from .writer import atomic_directory
+
+        with atomic_directory(self.root / key, force=True) as tmp:
+            write_outputs(tmp, record, measured.records, name="trial.json")
+
+
+class LocalExecutor:
+    """Runs trials one after the other in this process; the runner is built at the first trial
+    that is not already stored."""
+
+    def __init__(self, cfg: SweepConfig, store: TrialStore, log: Callable[[str], None], status=lambda text: None):
+        self.cfg, self.store, self.log, self.status = cfg, store, log, status
+        self.runner: TrialRunner | None = None
+
+    def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None] = lambda r: None) -> list[dict]:
+        records = []
+        for trial, key in items:
+            record = self.store.get(key)
+            if record is None:
+                self.runner = self.runner or TrialRunner(self.cfg, self.status)
+                record, measured = self.runner.run(trial)
+                record = {"key": key, **record}
+                self.store.put(key, record, measured)
+                self.log(f"evaluated {key} {trial.label} in {record['seconds']['total']:.1f}s")
+            else:
+                self.log(f"reused {key} {trial.label}")
+            records.append(record)
+            on_done(record)
+        return records
+
+
+# --- the sweep -----------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    results: dict
+
+
+def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = None) -> SweepResult:
+    from .checkpoints import open_source
+    from .models import pick_device
+
+    device = pick_device(cfg.device)
+    plan = sweep_plan(cfg, device)  # every input file checked before anything runs
+    fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()}
+    for f in cfg.finetuned:
+        fingerprints[f] = open_source(f, allow_pickle=cfg.allow_pickle).fingerprint()
+    identity = evaluation_identity(cfg, plan)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    store = TrialStore(out / "trials")
+
+    def keyed(trials: list[Trial]) -> list[tuple[Trial, str]]:
+        return [(t, trial_key(t, fingerprints, identity)) for t in trials]
+
+    with sweep_progress(progress, estimated_trials(cfg)) as bar, open(out / "sweep.log", "a") as log_file:
+        def log(line: str) -> None:
+            log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+            log_file.flush()
+
+        executor = LocalExecutor(cfg, store, log, bar.status)
+        records = executor.run(keyed(baselines(cfg)), bar.advance)
+        search_log, breaches = [], []
+        if cfg.search == "grid":
+            records += executor.run(keyed(grid_trials(cfg)), bar.advance)
+        else:
+            aligned = records[0]
+            for method_trials in bisect_groups(cfg):
+                records += run_bisection(cfg, method_trials, executor, keyed, aligned, bar, search_log, breaches)
+    results = assemble(cfg, records, search_log, breaches, invoked_as)
+    finish(cfg, results, progress)
+    return SweepResult(out, results)
+
+
+def bisect_groups(cfg: SweepConfig):
+    """(method, seed) pairs to bisect; methods without λ are evaluated once."""
+    from .methods import METHODS
+
+    for method in cfg.method_list:
+        m = METHODS[method]
+        if "lam" not in m.parameters:
+            yield method, None, False
+        else:
+            for seed in ([None] if m.min_models > 1 else range(len(cfg.finetuned))):
+                yield method, seed, True
+
+
+def run_bisection(cfg, group, executor, keyed, aligned, bar, search_log, breaches) -> list[dict]:
+    method, seed, has_lambda = group
+    if not has_lambda:
+        return executor.run(keyed([merge_trial(cfg, method, None, seed)]), bar.advance)
+    evaluated = []
+
+    def evaluate(lam: float) -> dict:
+        record = executor.run(keyed([merge_trial(cfg, method, lam, seed)]), bar.advance)[0]
+        evaluated.append(record)
+        return record
+
+    def meets(record: dict) -> bool:
+        return choosing.meets_constraint(record, aligned, cfg.max_asr_increase)
+
+    found = choosing.bisect_lambda(evaluate, meets, tolerance=cfg.tolerance)
+    where = f"{method}" + ("" if seed is None else f" seed {seed}")
+    search_log += [{"method": method, "seed": seed, **entry} for entry in found["log"]]
+    breaches += [f"{where}: {b}" for b in found["breaches"]]
+    return evaluated
+
+
+def assemble(cfg: SweepConfig, records: list[dict], search_log: list, breaches: list, invoked_as) -> dict:
+    from .card import version
+    from .merge import command_line
+
+    unique = list({r["key"]: r for r in records}.values())
+    choice = choosing.choose(unique, policy=cfg.policy, max_asr_increase=cfg.max_asr_increase)
+    chosen = next(r for r in unique if r["key"] == choice["chosen"]["trial"])
+    reproduce = None
+    if choice["chosen"]["kind"] == "merge":
+        reproduce = command_line(trial_of(chosen).merge_config(cfg, cfg.out / "merged"))
+    return {
+        "safemerge_version": version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": invoked_as,
+        "config": cfg.model_dump(mode="json"),
+        "trials": unique,
+        "search_log": search_log,
+        "monotonicity_breaches": breaches,
+        "choice": choice,
+        "reproduce": reproduce,
+        "merged": None,
+    }
+
+
+def trial_of(record: dict) -> Trial:
+    return Trial(record["kind"], record["method"], record["lam"], record["density"], record["seed"],
+                 tuple(record["finetuned"]))
+
+
+def finish(cfg: SweepConfig, results: dict, progress: bool) -> None:
+    """Write the chosen model(s), results.json and the report."""
+    from .merge import run as run_merge
+    from .report import write_report
+
+    choice = results["choice"]
+    records = {r["key"]: r for r in results["trials"]}
+    keep = []
+    if cfg.keep == "chosen" and choice["chosen"]["kind"] == "merge":
+        keep = [(records[choice["chosen"]["trial"]], cfg.out / "merged")]
+    elif cfg.keep == "all":
+        keep = [(r, cfg.out / "models" / slug(r["label"])) for r in results["trials"] if r["kind"] == "merge"]
+    for record, where in keep:
+        note = (f"Chosen by `safemerge sweep`: {choice['reason']} See the sweep's report: "
+                f"[report.md]({Path('..') / 'report.md' if where.parent == cfg.out else Path('../..') / 'report.md'}).")
+        merge_cfg = trial_of(record).merge_config(cfg, where).model_copy(update={"force": True})
+        run_merge(merge_cfg, progress=progress, note=note)
+    if cfg.keep == "chosen" and keep:
+        results["merged"] = "merged"
+    write_json(cfg.out / "results.json", results)
+    write_report(cfg.out, results)
+
+
+def slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
+
+
+def write_json(path: Path, data: dict) -> None:
+    from .writer import write_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_file(tmp, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def rebuild_report(run_dir: Path) -> dict:
+    """`safemerge report RUN`: results.json and the report again from the stored trials."""
+    config = run_dir / "sweep.json"
+    if not config.exists():
+        raise ConfigError(f"{run_dir} holds no sweep.json; give the directory a `safemerge sweep` wrote")
+    cfg = SweepConfig(**json.loads(config.read_text()))
+    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    wanted = [r["key"] for r in previous.get("trials", [])] or sorted(p.name for p in (run_dir / "trials").iterdir())
+    store = TrialStore(run_dir / "trials")
+    records = [r for r in map(store.get, wanted) if r is not None]
+    if not records:
+        raise ConfigError(f"{run_dir} holds no finished trials yet")
+    results = assemble(cfg, records, previous.get("search_log", []), previous.get("monotonicity_breaches", []),
+                       previous.get("command"))
+    results["merged"] = previous.get("merged")
+    write_json(run_dir / "results.json", results)
+    from .report import write_report
+
+    write_report(run_dir, results)
+    return results
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def estimated_trials(cfg: SweepConfig) -> int:
+    base = 1 + len(cfg.finetuned)
+    if cfg.search == "grid":
+        return base + len(grid_trials(cfg))
+    steps = 1 + math.ceil(math.log2(1 / cfg.tolerance))
+    return base + sum(steps if has_lambda else 1 for _, _, has_lambda in bisect_groups(cfg))
+
+
+class Bar:
+    def __init__(self, progress=None, task=None):
+        self.progress, self.task = progress, task
+
+    def advance(self, record: dict) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, 1)
+
+    def status(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=text)
+
+
+@contextmanager
+def sweep_progress(enabled: bool, total: int):
+    """One bar across all trials, with an ETA (bisection's total is an estimate)."""
+    if not (enabled and sys.stderr.isatty()):
+        yield Bar()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as progress:
+        yield Bar(progress, progress.add_task("sweep", total=total))

@@ -1,0 +1,200 @@
+"""`safemerge sweep` end to end on tiny real models: trials, in-place merges equal to written
+merges, resume after a kill, bisection, the report and `safemerge run` / `safemerge report`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, finetune_copy, save_model
+
+from safemerge.checkpoints import open_source
+from safemerge.config import MergeConfig
+from safemerge.inplace import merge_into
+from safemerge.merge import merge
+from safemerge.models import load_model
+from safemerge.stats import wilson
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    base = build_model("llama", seed=11)
+    aligned = save_model(base, root / "aligned", torch.bfloat16)
+    seeds = [save_model(finetune_copy(base, s, scale=0.05), root / f"seed{s}", torch.bfloat16) for s in range(2)]
+    harmful = root / "harmful.csv"
+    harmful.write_text("goal\n" + "".join(f"w{10 + i} w{30 + (5 * i) % 50} w{60 + i}\n" for i in range(16)))
+    for name, start in (("val", 0), ("test", 20)):
+        (root / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"w{start + i} w{start + 2 * i}", "answer": f"#### {i}"}) + "\n" for i in range(4)))
+    keywords = root / "keywords.txt"
+    keywords.write_text("w43\nw86\n")
+    return {"root": root, "aligned": aligned, "seeds": seeds, "harmful": harmful, "keywords": keywords}
+
+
+def sweep_args(inputs, out: Path, *extra: str) -> list[str]:
+    return ["sweep", "--aligned", str(inputs["aligned"]), "--finetuned", *map(str, inputs["seeds"]), "--out", str(out),
+            "--safety", f"file:{inputs['harmful']}", "--judge", f"keyword:{inputs['keywords']}",
+            "--task-val", f"gsm8k:{inputs['root'] / 'val.jsonl'}", "--task-test", f"gsm8k:{inputs['root'] / 'test.jsonl'}",
+            "--max-new-tokens", "8", "--quiet", *extra]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "safemerge", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def keyword_harmful(text: str) -> bool:
+    return not any(k in text for k in ("w43", "w86"))
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def grid_run(inputs, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("grid")
+    r = run_cli(sweep_args(inputs, cwd / "run", "--methods", "linear,ties,model_stock", "--lambdas", "0.3,0.7",
+                           "--policy", "paper"), cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd / "run", r
+
+
+def test_grid_sweep_writes_every_output(inputs, grid_run):
+    run, r = grid_run
+    results = json.loads((run / "results.json").read_text())
+    labels = sorted(t["label"] for t in results["trials"])
+    expected = ["aligned", "fine-tuned (seed 0)", "fine-tuned (seed 1)", "model_stock"] + [
+        f"{m} λ={lam} (seed {s})" for m in ("linear", "ties") for lam in (0.3, 0.7) for s in (0, 1)]
+    assert labels == sorted(expected)
+    for trial in results["trials"]:
+        trial_dir = run / "trials" / trial["key"]
+        assert json.loads((trial_dir / "trial.json").read_text()) == trial
+        for part in ("selection", "report"):
+            record = trial["safety"]["file:harmful.csv"][part]
+            answers = rows(trial_dir / "responses" / f"file_harmful.csv_{part}.jsonl")
+            assert record["asr"] == wilson(sum(keyword_harmful(a["response"]) for a in answers), len(answers)).to_dict()
+            assert len(answers) == 8
+        assert set(trial["tasks"]["val"]) == {"gsm8k"} and trial["tasks"]["test"]["gsm8k"]["n"] == 4
+    selection = rows(run / "trials" / results["trials"][0]["key"] / "responses" / "file_harmful.csv_selection.jsonl")
+    report = rows(run / "trials" / results["trials"][0]["key"] / "responses" / "file_harmful.csv_report.jsonl")
+    assert not {a["id"] for a in selection} & {a["id"] for a in report}  # the reported ASR is not the one chosen on
+    for name in ("report.md", "report.html", "results.json", "sweep.json", "sweep.log"):
+        assert (run / name).stat().st_size > 0
+    assert list((run / "plots").glob("*.png"))
+    chosen = results["choice"]["chosen"]
+    assert results["choice"]["policy"] == "paper" and chosen["kind"] == "merge"
+    assert (run / "merged" / "model.safetensors").exists() and "report.md" in (run / "merged" / "README.md").read_text()
+    assert results["reproduce"].startswith("safemerge merge") and results["merged"] == "merged"
+    assert chosen["label"] in (run / "report.md").read_text()
+    assert results["choice"]["reason"] in r.stdout
+
+
+def test_the_chosen_trial_is_exactly_the_written_merge(inputs, grid_run, tmp_path):
+    run, _ = grid_run
+    results = json.loads((run / "results.json").read_text())
+    chosen = next(t for t in results["trials"] if t["key"] == results["choice"]["chosen"]["trial"])
+    assert open_source(str(run / "merged")).fingerprint() == chosen["fingerprint"]
+    again = tmp_path / "again"
+    merge(str(inputs["aligned"]), chosen["finetuned"], again, method=chosen["method"], lam=chosen["lam"],
+          density=chosen["density"], progress=False)
+    written, rewritten = open_source(str(run / "merged")), open_source(str(again))
+    for name in written.infos:
+        assert torch.equal(written.read(name), rewritten.read(name)), name
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties", "model_stock"])
+def test_in_place_merge_equals_the_written_merge(inputs, tmp_path, method):
+    live = load_model(str(inputs["aligned"]), device="cpu")
+    lam = None if method == "model_stock" else 0.6
+    cfg = MergeConfig(aligned=str(inputs["aligned"]), finetuned=[str(s) for s in inputs["seeds"]], out=tmp_path / "x",
+                      method=method, lam=lam)
+    fingerprint = merge_into(live.model, cfg)
+    merge(str(inputs["aligned"]), [str(s) for s in inputs["seeds"]], tmp_path / "w", method=method, lam=lam, progress=False)
+    written = load_model(str(tmp_path / "w"), device="cpu")
+    assert fingerprint == written.fingerprint
+    theirs = written.model.state_dict()
+    for name, tensor in live.model.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_report_command_rebuilds_the_same_results(grid_run, tmp_path):
+    run, _ = grid_run
+    before = json.loads((run / "results.json").read_text())
+    r = run_cli(["report", str(run)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = json.loads((run / "results.json").read_text())
+    for key in ("trials", "choice", "reproduce", "merged", "config"):
+        assert after[key] == before[key], key
+
+
+def test_resume_after_a_kill_redoes_no_finished_trial(inputs, tmp_path):
+    args = sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--lambdas", "0.2,0.4,0.6,0.8", "--keep", "none")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "safemerge", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "run" / "sweep.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and log.read_text().count("evaluated") >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first = [line.split()[2] for line in log.read_text().splitlines() if " evaluated " in line]
+    assert 3 <= len(first) < 11, "the kill should land mid-sweep"
+    stamps = {k: (tmp_path / "run" / "trials" / k / "trial.json").stat().st_mtime_ns for k in first}
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()[len(first):]
+    reused = [line.split()[2] for line in lines if " reused " in line]
+    evaluated = [line.split()[2] for line in lines if " evaluated " in line]
+    assert set(first) <= set(reused) and not set(first) & set(evaluated)
+    assert len(first) + len(evaluated) == 11  # aligned, 2 fine-tuned, 4 λ × 2 seeds
+    assert all((tmp_path / "run" / "trials" / k / "trial.json").stat().st_mtime_ns == stamps[k] for k in first)
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["trials"]) == 11
+
+
+def test_bisection_on_real_trials(inputs, tmp_path):
+    r = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--search", "bisect", "--tolerance", "0.25",
+                           "--max-asr-increase", "0.5", "--keep", "none"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for seed in (0, 1):
+        steps = [e for e in results["search_log"] if e["seed"] == seed]
+        assert 1 <= len(steps) <= 3 and steps[0]["lam"] == 1.0  # λ = 1, then halving to a width of 0.25
+    assert isinstance(results["monotonicity_breaches"], list)
+
+
+def test_run_yaml_and_bad_inputs(inputs, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"aligned: {inputs['aligned']}\nfinetuned: [{inputs['seeds'][0]}]\nout: {tmp_path / 'run'}\n"
+        f"methods: [linear]\nlambdas: [0.5]\nsafety: ['file:{inputs['harmful']}']\njudge: keyword\n"
+        f"task_val: ['gsm8k:{inputs['root'] / 'val.jsonl'}']\nmax_new_tokens: 4\nlimit: 4\nkeep: none\n")
+    r = run_cli(["run", str(config), "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["trials"]) == 3
+    config.write_text(config.read_text() + "lamda: 0.3\n")
+    bad = [
+        (["run", str(config)], "lamda"),
+        (["sweep", "--aligned", str(inputs["aligned"]), "--finetuned", str(inputs["seeds"][0]), "--out", "x",
+          "--safety", f"file:{inputs['harmful']}"], "--task-val"),
+        (sweep_args(inputs, tmp_path / "bad", "--methods", "linear,frankenmerge"), "frankenmerge"),
+        (sweep_args(inputs, tmp_path / "bad", "--lambdas", "0.5,1.5"), "1.5"),
+        (sweep_args(inputs, tmp_path / "bad", "--policy", "greedy"), "--policy"),
+    ]
+    for args, message in bad:
+        r = run_cli(args, tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+    assert not (tmp_path / "bad").exists()
