@@ -139,6 +139,7 @@ class Counting:
     def __init__(self, backend):
         self.inner, self.asked = backend, []
         self.name, self.model_id, self.batch_size = backend.name, backend.model_id, backend.batch_size
+        self.precision = backend.precision
 
     def render(self, request):
         return self.inner.render(request)

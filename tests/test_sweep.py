@@ -180,10 +180,15 @@ def test_run_yaml_and_bad_inputs(inputs, tmp_path):
     config.write_text(
         f"aligned: {inputs['aligned']}\nfinetuned: [{inputs['seeds'][0]}]\nout: {tmp_path / 'run'}\n"
         f"methods: [linear]\nlambdas: [0.5]\nsafety: ['file:{inputs['harmful']}']\njudge: keyword\n"
-        f"task_val: ['gsm8k:{inputs['root'] / 'val.jsonl'}']\nmax_new_tokens: 4\nlimit: 4\nkeep: none\n")
+        f"task_val: ['gsm8k:{inputs['root'] / 'val.jsonl'}']\nmax_new_tokens: 4\nlimit: 4\nkeep: all\n")
     r = run_cli(["run", str(config), "--quiet"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "run" / "results.json").read_text())["trials"]) == 3
+    assert [p.name for p in (tmp_path / "run" / "models").iterdir()] == ["linear-lam0.5-seed0"]
+    assert (tmp_path / "run" / "models" / "linear-lam0.5-seed0" / "model.safetensors").exists()
+    not_a_run = tmp_path / "model"
+    not_a_run.mkdir()
+    (not_a_run / "config.json").write_text("{}")
     config.write_text(config.read_text() + "lamda: 0.3\n")
     bad = [
         (["run", str(config)], "lamda"),
@@ -192,9 +197,37 @@ def test_run_yaml_and_bad_inputs(inputs, tmp_path):
         (sweep_args(inputs, tmp_path / "bad", "--methods", "linear,frankenmerge"), "frankenmerge"),
         (sweep_args(inputs, tmp_path / "bad", "--lambdas", "0.5,1.5"), "1.5"),
         (sweep_args(inputs, tmp_path / "bad", "--policy", "greedy"), "--policy"),
+        (sweep_args(inputs, not_a_run), "not a sweep's run directory"),
+        (["sweep", "--aligned", str(inputs["aligned"]), "--finetuned", str(inputs["seeds"][0]), "--out", "y",
+          "--safety", "xstest", "--task-val", "gsm8k"], "harmful-prompt"),
     ]
     for args, message in bad:
         r = run_cli(args, tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and message in lines[0], (args, r.stderr)
     assert not (tmp_path / "bad").exists()
+
+
+def test_successive_live_merges_equal_fresh_written_ones(inputs, tmp_path):
+    """After the first pass only changed tensors are rewritten: adapters with different target
+    modules, one after the other, must still give exactly the written merges."""
+    from conftest import lora_adapter
+
+    from safemerge.inplace import LiveMerger
+
+    base = build_model("llama", seed=11)
+    adapters = [lora_adapter(base, tmp_path / "a0", seed=1, target_modules=["q_proj", "v_proj"]),
+                lora_adapter(base, tmp_path / "a1", seed=2, target_modules=["k_proj", "o_proj", "up_proj"])]
+    live = load_model(str(inputs["aligned"]), device="cpu")
+    merger = LiveMerger(live.model)
+    steps = [(adapters[1], "linear", 0.5), (adapters[0], "linear", 0.3), (inputs["seeds"][0], "ties", 0.7),
+             (adapters[0], "task_arithmetic", 0.9)]
+    for i, (source, method, lam) in enumerate(steps):
+        cfg = MergeConfig(aligned=str(inputs["aligned"]), finetuned=[str(source)], out=tmp_path / "x", method=method, lam=lam)
+        fingerprint = merger.merge(cfg)
+        merge(str(inputs["aligned"]), [str(source)], tmp_path / f"w{i}", method=method, lam=lam, progress=False)
+        written = load_model(str(tmp_path / f"w{i}"), device="cpu")
+        assert fingerprint == written.fingerprint, (method, lam)
+        theirs = written.model.state_dict()
+        for name, tensor in live.model.state_dict().items():
+            assert torch.equal(tensor, theirs[name]), (i, name)

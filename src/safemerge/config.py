@@ -244,6 +244,9 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _methods(self):
+        if self.policy == "constrained" and all(s.strip().lower().startswith("xstest") for s in self.safety):
+            raise ValueError("the constrained policy bounds the attack success rate: give a harmful-prompt --safety set "
+                             "(advbench, hexphi, file:...) besides xstest, or use --policy paper")
         for name in self.methods or []:
             m = methods.METHODS.get(name)
             if m is None:

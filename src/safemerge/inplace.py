@@ -9,6 +9,7 @@ and its content fingerprint (hashed from the same chunks) is that file's fingerp
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import xxhash
@@ -18,19 +19,21 @@ from .checkpoints import combine_digests
 from .config import MergeConfig
 from .errors import IncompatibleModelsError
 from .merge import stream
-from .plan import plan_merge
+from .plan import MergePlan, TensorPlan, plan_merge
+
+Digest = tuple[torch.dtype, tuple[int, ...], str]
 
 
 class ParameterWriter:
-    """A merge sink that fills a model's tensors in place, chunk by chunk in row-major order."""
+    """A merge sink that fills a model's tensors in place, chunk by chunk in row-major order,
+    hashing each tensor's chunks as the file writer's bytes would be hashed."""
 
-    def __init__(self, model, plan):
-        self.tensors = model.state_dict()  # shares storage with the parameters (tied ones included)
-        self.plan = plan
+    def __init__(self, tensors: dict[str, Tensor], plan: MergePlan):
+        self.tensors = tensors
         self.filled: dict[str, int] = {}
         self.hashes: dict[str, xxhash.xxh3_128] = {}
         for tp in plan.tensors:
-            target = self.tensors.get(tp.name)
+            target = tensors.get(tp.name)
             if target is None:
                 raise IncompatibleModelsError(f"the merge makes tensor {tp.name}, which the loaded model does not have")
             if tuple(target.shape) != tuple(tp.shape):
@@ -44,23 +47,42 @@ class ParameterWriter:
         self.tensors[name].view(-1)[start:start + flat.numel()].copy_(flat)
         self.filled[name] = start + flat.numel()
         if flat.numel():
-            self.hashes.setdefault(name, xxhash.xxh3_128()).update(flat.contiguous().view(-1).view(torch.uint8).numpy())
+            self.hashes.setdefault(name, xxhash.xxh3_128()).update(flat.contiguous().view(torch.uint8).numpy())
 
-    def fingerprint(self) -> str:
-        digests = {}
-        for tp in self.plan.tensors:
-            if self.filled.get(tp.name, 0) != math.prod(tp.shape):
-                raise RuntimeError(f"tensor {tp.name} was not filled completely")
-            digests[tp.name] = (tp.dtype, tp.shape, (self.hashes.get(tp.name) or xxhash.xxh3_128()).hexdigest())
-        return "xxh3-128:" + combine_digests(digests)
+    def digest(self, tp: TensorPlan) -> Digest:
+        if self.filled.get(tp.name, 0) != math.prod(tp.shape):
+            raise RuntimeError(f"tensor {tp.name} was not filled completely")
+        return tp.dtype, tp.shape, (self.hashes.get(tp.name) or xxhash.xxh3_128()).hexdigest()
+
+
+class LiveMerger:
+    """A model whose weights successive merges overwrite in place. After the first merge, a
+    tensor that neither this merge nor the previous ones changed (all but a LoRA adapter's
+    target modules, say) already holds the aligned values and is not read or written again:
+    for a LoRA fine-tune a trial then costs only the adapter's modules."""
+
+    def __init__(self, model):
+        self.tensors = model.state_dict()  # shares storage with the parameters (tied ones included)
+        self.static: dict[str, Digest] | None = None  # digests of the aligned copies, from the first full pass
+        self.dirty: set[str] = set()  # tensors a merge changed since the first pass
+
+    def merge(self, cfg: MergeConfig) -> str:
+        """Set the model's weights to the merge ``cfg`` describes; returns its content fingerprint."""
+        plan = plan_merge(cfg)
+        try:
+            first = self.static is None
+            todo = plan.tensors if first else [t for t in plan.tensors if t.merge or t.name in self.dirty]
+            writer = ParameterWriter(self.tensors, plan)
+            stream(replace(plan, tensors=todo), writer)
+            digests = dict(self.static or {}) | {t.name: writer.digest(t) for t in todo}
+            if first:
+                self.static = {t.name: digests[t.name] for t in plan.tensors if not t.merge}
+            self.dirty = {t.name for t in plan.tensors if t.merge}
+            return "xxh3-128:" + combine_digests({t.name: digests[t.name] for t in plan.tensors})
+        finally:
+            plan.close()
 
 
 def merge_into(model, cfg: MergeConfig) -> str:
-    """Set ``model``'s weights to the merge ``cfg`` describes; returns its content fingerprint."""
-    plan = plan_merge(cfg)
-    try:
-        writer = ParameterWriter(model, plan)
-        stream(plan, writer)
-        return writer.fingerprint()
-    finally:
-        plan.close()
+    """One merge into ``model`` (a full pass over every tensor); returns its content fingerprint."""
+    return LiveMerger(model).merge(cfg)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from . import choose as choosing
 from .config import MergeConfig, SweepConfig
@@ -35,6 +36,7 @@ from .evaluate import (
     write_outputs,
 )
 from .generation import TransformersBackend
+from .inplace import LiveMerger
 from .prompts import load_safety_set
 from .tasks import Task, load_task
 
@@ -62,6 +64,16 @@ class Trial:
         lam = "" if self.lam is None else f" λ={self.lam:g}"
         seed = "" if self.seed is None else f" (seed {self.seed})"
         return f"{self.method}{lam}{seed}"
+
+    @property
+    def slug(self) -> str:
+        """A directory name: linear-lam0.3-seed0, model_stock, aligned, finetuned-seed1."""
+        parts = [self.kind if self.kind != "merge" else self.method]
+        if self.kind == "merge" and self.lam is not None:
+            parts.append(f"lam{self.lam:g}")
+        if self.seed is not None:
+            parts.append(f"seed{self.seed}")
+        return "-".join(parts)
 
     def merge_config(self, cfg: SweepConfig, out: Path) -> MergeConfig:
         """The `safemerge merge` that makes this trial's model (baselines: linear at λ 0 or 1)."""
@@ -169,15 +181,14 @@ class TrialRunner:
         self.plan = sweep_plan(cfg, self.device)
         self.live = load_model(cfg.aligned, device=self.device, dtype=cfg.dtype, chat_template=cfg.chat_template,
                                allow_pickle=cfg.allow_pickle)
+        self.merger = LiveMerger(self.live.model)
         self.judge = None
         self.status = status
 
     def run(self, trial: Trial) -> tuple[dict, Measured]:
-        from .inplace import merge_into
-
         started = time.perf_counter()
         self.status(f"{trial.label}: merging")
-        fingerprint = merge_into(self.live.model, trial.merge_config(self.cfg, self.cfg.out / "merged"))
+        fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
         merged = time.perf_counter()
         backend = TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
                                       batch_size=self.cfg.batch_size)
@@ -238,6 +249,13 @@ class TrialStore:
             write_outputs(tmp, record, measured.records, name="trial.json")
 
 
+class Executor(Protocol):
+    """Runs trials (each a Trial and its key: self-contained, serialisable) and returns their
+    records in order, reusing stored ones; ``on_done`` sees each record as it is ready."""
+
+    def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None]) -> list[dict]: ...
+
+
 class LocalExecutor:
     """Runs trials one after the other in this process; the runner is built at the first trial
     that is not already stored."""
@@ -276,6 +294,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
     from .checkpoints import open_source
     from .models import pick_device
 
+    check_run_directory(cfg.out)
     device = pick_device(cfg.device)
     plan = sweep_plan(cfg, device)  # every input file checked before anything runs
     fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()}
@@ -307,6 +326,12 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
     results = assemble(cfg, records, search_log, breaches, invoked_as)
     finish(cfg, results, progress)
     return SweepResult(out, results)
+
+
+def check_run_directory(out: Path) -> None:
+    """A new directory, or one a sweep wrote (to resume or extend it); never someone's model."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "sweep.json").exists())):
+        raise ConfigError(f"{out} exists and is not a sweep's run directory; choose another --out")
 
 
 def bisect_groups(cfg: SweepConfig):
@@ -383,7 +408,7 @@ def finish(cfg: SweepConfig, results: dict, progress: bool) -> None:
     if cfg.keep == "chosen" and choice["chosen"]["kind"] == "merge":
         keep = [(records[choice["chosen"]["trial"]], cfg.out / "merged")]
     elif cfg.keep == "all":
-        keep = [(r, cfg.out / "models" / slug(r["label"])) for r in results["trials"] if r["kind"] == "merge"]
+        keep = [(r, cfg.out / "models" / trial_of(r).slug) for r in results["trials"] if r["kind"] == "merge"]
     for record, where in keep:
         note = (f"Chosen by `safemerge sweep`: {choice['reason']} See the sweep's report: "
                 f"[report.md]({Path('..') / 'report.md' if where.parent == cfg.out else Path('../..') / 'report.md'}).")
@@ -393,12 +418,6 @@ def finish(cfg: SweepConfig, results: dict, progress: bool) -> None:
         results["merged"] = "merged"
     write_json(cfg.out / "results.json", results)
     write_report(cfg.out, results)
-
-
-def slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
 
 
 def write_json(path: Path, data: dict) -> None:
