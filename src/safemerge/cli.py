@@ -267,6 +267,72 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.2,0.4; got {text!r}") from None
 
 
+FINETUNE_EXAMPLES = """
+Examples:
+
+  safemerge finetune meta-llama/Meta-Llama-3-8B-Instruct --data gsm8k-train.jsonl --out ./sft-lora --seed 0
+
+  safemerge finetune ./aligned --data chat.jsonl --out ./sft-full --full --lr 2e-5 --epochs 1
+"""
+
+
+@app.command(epilog=FINETUNE_EXAMPLES)
+def finetune(
+    model: Annotated[str, typer.Argument(help="the model to fine-tune: a directory or a Hub id")],
+    data: Annotated[Path, typer.Option(help="JSONL: `messages` (chat), or `prompt`/`response`, or `instruction`/`output`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the adapter (or the full model with --full)")],
+    val_fraction: Annotated[float, typer.Option(help="part of the data kept out for validation (OUT/val.jsonl)")] = 0.1,
+    seed: Annotated[int, typer.Option(help="seed of the split, the adapter's initialisation and the data order")] = 42,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r)")] = 16,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule, 10% warm-up)")] = 1e-4,
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 3,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps; overrides --epochs")] = None,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
+    max_length: Annotated[int, typer.Option(help="longest example in tokens; longer ones are an error, never cut")] = 1024,
+    full: Annotated[bool, typer.Option("--full", help="train every weight and write a full checkpoint instead of an adapter")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out once training has finished")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    debug: DebugOpt = False,
+):
+    """Fine-tune MODEL with LoRA (or fully) on chat data; the loss is on the assistant's replies only."""
+    from .finetune import finetune as run_finetune
+
+    quiet_libraries()
+    result = guarded(debug, run_finetune, model, data, out, val_fraction=val_fraction, seed=seed, lora_r=lora_r,
+                     lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                     max_length=max_length, full=full, device=device, force=force, progress=not quiet)
+    val = (f"; validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
+           if result.val_loss_before is not None and result.val_loss_after is not None else "")
+    typer.echo(f"wrote {result.out}: {result.steps} steps on {result.train_examples} examples "
+               f"in {result.seconds:.1f} s{val}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the data, the fine-tunes and the sweep")] = Path("safemerge-demo"),
+    seeds: Annotated[int, typer.Option(help="fine-tuning seeds (2 or more, so model_stock runs)")] = 2,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild the tiny aligned model instead of taking it from the cache")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    debug: DebugOpt = False,
+):
+    """The whole loop on a laptop CPU: a tiny aligned model, fine-tuned on a benign task, merged back, with a report."""
+    from .demo.run import print_summary, run_demo
+
+    quiet_libraries()
+    if seeds < 1:
+        guarded(debug, raise_config, "--seeds must be at least 1 (2 or more so that model_stock runs)")
+    result = guarded(debug, run_demo, out, seeds=seeds, rebuild=rebuild, progress=not quiet, echo=typer.echo)
+    print_summary(result)
+
+
+def raise_config(message: str) -> None:
+    from .errors import ConfigError
+
+    raise ConfigError(message)
+
+
 def parse_ints(text: str, flag: str) -> list[int]:
     from .errors import ConfigError
 
