@@ -21,7 +21,7 @@ from ..stats import wilson
 METHODS = ["linear", "slerp", "dare_linear", "ties", "model_stock"]
 LAMBDAS = [0.2, 0.4, 0.6, 0.8]
 # the demo fine-tune: a small change relative to the tiny model's weights (see demo/corpus.py)
-FINETUNE = {"lora_r": 8, "lora_alpha": 16, "lr": 2e-3, "max_steps": 150, "batch_size": 16, "val_fraction": 0.1}
+FINETUNE = {"lora_r": 8, "lora_alpha": 16, "lr": 2e-3, "max_steps": 600, "batch_size": 8, "val_fraction": 0.1}
 SWEEP = {"max_new_tokens": 48, "batch_size": 64, "repetition_penalty": 1.2, "device": "cpu", "dtype": "float32"}
 
 

@@ -1,0 +1,1 @@
+"""The embedded demo: a tiny aligned chat model built from scratch, its synthetic data, the demo run."""
