@@ -231,3 +231,15 @@ def test_successive_live_merges_equal_fresh_written_ones(inputs, tmp_path):
         theirs = written.model.state_dict()
         for name, tensor in live.model.state_dict().items():
             assert torch.equal(tensor, theirs[name]), (i, name)
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(inputs, tmp_path):
+    r = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear,ties,model_stock", "--lambdas", "0.3,0.7",
+                           "--dry-run", "--tokens-per-second", "100"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    trials = 1 + 2 + 2 * 2 * 2 + 1  # aligned, 2 fine-tuned, (linear, ties) × 2 λ × 2 seeds, model_stock
+    per_trial = 16 + 4 + 4  # harmful prompts, val and test items
+    assert f"trials: {trials} (grid" in r.stdout and "per trial: 16 safety prompts" in r.stdout
+    assert f"generations: {trials * per_trial}" in r.stdout and "0 model calls" in r.stdout
+    assert f"at most {trials * per_trial * 8:,}" in r.stdout  # 8 new tokens each
+    assert not (tmp_path / "run").exists()

@@ -170,6 +170,8 @@ def sweep(
     cache_dir: Annotated[Path | None, typer.Option(help="generation cache (default RUN/cache)")] = None,
     allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="run model-written code (HumanEval), sandboxed")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt checkpoints with torch.load(weights_only=True)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (trials, generations, judge calls, a GPU-hour bound) and run nothing")] = False,
+    tokens_per_second: Annotated[float, typer.Option(help="--dry-run: ASSUMED generation throughput per GPU, for the GPU-hour bound")] = 2500.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no table")] = False,
     debug: DebugOpt = False,
 ):
@@ -183,7 +185,25 @@ def sweep(
                   max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                   task_repetition_penalty=task_repetition_penalty, batch_size=batch_size, limit=limit, device=device,
                   dtype=dtype, cache_dir=cache_dir, allow_code_execution=allow_code_execution, allow_pickle=allow_pickle)
+    if dry_run:
+        print_dry_run(values, tokens_per_second, debug)
+        return
     run_sweep_values(values, quiet, debug)
+
+
+def print_dry_run(values: dict, tokens_per_second: float, debug: bool) -> None:
+    from .config import SweepConfig, validate
+    from .sweep import dry_run
+
+    cfg = guarded(debug, validate, SweepConfig, **values)
+    plan = guarded(debug, dry_run, cfg, tokens_per_second)
+    tasks = ", ".join(f"{k} {v}" for k, v in plan["task_generations_per_trial"].items()) or "none"
+    typer.echo(f"trials: {plan['trials']} ({plan['search']}; methods {', '.join(plan['methods'])}; "
+               f"λ {', '.join(f'{x:g}' for x in plan['lambdas'])}; {plan['seeds']} seed(s); baselines included)")
+    typer.echo(f"per trial: {plan['safety_prompts_per_trial']} safety prompts; task generations: {tasks}")
+    typer.echo(f"generations: {plan['generations']:,}; judge {plan['judge']}: {plan['judge_calls']:,} model calls")
+    typer.echo(f"generated tokens: at most {plan['max_generated_tokens']:,}; at an assumed {tokens_per_second:,.0f} "
+               f"tokens/s per GPU that is at most {plan['gpu_hours_upper_bound']:.1f} GPU hours")
 
 
 @app.command("run")

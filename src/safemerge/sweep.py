@@ -450,6 +450,34 @@ def rebuild_report(run_dir: Path) -> dict:
     return results
 
 
+# --- the plan, without running it --------------------------------------------------------------
+
+
+def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
+    """What a sweep would do, from the sets and tasks alone (no model is loaded): trials,
+    generations, judge calls, and an upper bound of the generated tokens with the GPU hours they
+    take at an ASSUMED generation throughput (tokens/s per GPU; a guess to replace with a measured one)."""
+    from .checkpoints import open_source
+
+    for spec in (cfg.aligned, *cfg.finetuned):
+        open_source(spec, allow_pickle=cfg.allow_pickle)  # headers only: the inputs exist and are readable
+    plan = sweep_plan(cfg, "cpu" if cfg.device == "cpu" else "cuda")  # a sweep that size runs on GPUs
+    trials = estimated_trials(cfg)
+    safety = sum(len(p.prompts) for p in plan.safety.values())
+    tasks = {name: len(t.items) * int(t.generation.get("num_samples", 1)) for name, t in plan.tasks.items()}
+    per_trial = safety + sum(tasks.values())
+    judge_model = not plan.judge_spec.startswith(("keyword", "compliance"))
+    judge_calls = trials * safety if judge_model else 0
+    generated = trials * per_trial * cfg.max_new_tokens + judge_calls * 128
+    return {
+        "trials": trials, "search": cfg.search, "methods": cfg.method_list, "lambdas": cfg.lambdas,
+        "seeds": len(cfg.finetuned), "safety_prompts_per_trial": safety, "task_generations_per_trial": tasks,
+        "generations": trials * per_trial, "judge": plan.judge_spec, "judge_calls": judge_calls,
+        "max_generated_tokens": generated, "assumed_tokens_per_second": tokens_per_second,
+        "gpu_hours_upper_bound": generated / tokens_per_second / 3600,
+    }
+
+
 # --- progress --------------------------------------------------------------------------------
 
 
