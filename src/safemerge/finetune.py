@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import random
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -343,7 +344,7 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
 
         finetune("Qwen/Qwen2.5-0.5B-Instruct", "task.jsonl", "./sft-seed0", seed=0)
     """
-    from .writer import atomic_directory, check_out
+    from .writer import check_out
 
     model = str(model)
     s = Settings(val_fraction=val_fraction, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -358,7 +359,7 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
     path, tokenizer = load_base(model)
     check_lengths(examples, tokenizer, max_length, data)
     train, val = split(examples, val_fraction, seed, data)
-    with quiet(not progress), atomic_directory(out, force) as tmp:
+    with quiet(not progress), output_directory(out, force) as tmp:
         trainer, targets = build_trainer(path, model, tokenizer, train, val, tmp, device, s)
         before = eval_loss(trainer) if val else None
         summary = trainer.train()
@@ -373,6 +374,22 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
         record = training_record(result, used, history, summary, model, data, trainer)
         write_file(tmp / LOG_FILE, json.dumps(record, indent=2, default=str) + "\n")
     return result
+
+
+@contextmanager
+def output_directory(out: Path, force: bool):
+    """Under `accelerate launch` every process trains, and only the main one publishes OUT; the
+    others write into a scratch directory that is thrown away (single process: the main one)."""
+    from accelerate import PartialState
+
+    from .writer import atomic_directory
+
+    if PartialState().is_main_process:
+        with atomic_directory(out, force) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="safemerge-finetune-") as tmp:
+            yield Path(tmp)
 
 
 def training_device(device: str) -> str:
