@@ -315,7 +315,7 @@ def test_file_task_errors(tmp_path):
         load_file_task(str(path), "exact")
     with pytest.raises(ConfigError, match=r"unknown scorer 'fuzzy'.*available: exact, numeric, bbh"):
         load_task(f"file:{path}:fuzzy")
-    with pytest.raises(ConfigError, match=r"line 1: field 'reference' holds no number"):
+    with pytest.raises(ConfigError, match=r"line 1: the reference holds no number"):
         load_file_task(str(write_jsonl(tmp_path / "w.jsonl", [{"prompt": "p", "reference": "four"}])), "numeric")
     with pytest.raises(ConfigError, match=r"line 2: id 'a' appears twice"):
         load_file_task(str(write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "p", "reference": "r"}] * 2)))
@@ -358,3 +358,21 @@ def test_bbh_cot_prompt_without_a_header(tmp_path):
     task = load_task(f"bbh:{tmp_path}")
     assert task.name == "bbh" and [i.id for i in task.items] == ["boolean_expressions/0"]
     assert task.items[0].prompt == cot + "\n\nQ: not ( True )\nA: Let's think step by step."
+
+
+def test_file_task_reads_the_formats_finetune_keeps(tmp_path):
+    from safemerge.tasks import load_file_task
+
+    data = tmp_path / "val.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+                          {"role": "assistant", "content": "so #### 4"}]},
+            {"prompt": "q2", "response": "#### 5"},
+            {"instruction": "q3", "input": "ctx", "output": "#### 6"},
+            {"prompt": "q4", "reference": "7"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_file_task(str(data), "numeric")
+    assert [(i.prompt, i.reference) for i in task.items] == [
+        ("q1", "so #### 4"), ("q2", "#### 5"), ("q3\n\nctx", "#### 6"), ("q4", "7")]
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(ConfigError, match="must end with the assistant"):
+        load_file_task(str(data), "numeric")

@@ -289,21 +289,38 @@ def load_bbh(path: str, task: str | None = None) -> Task:
 
 def load_file_task(path: str, scorer: str = "exact", **bertscore_options) -> Task:
     """A user's task: JSONL of {"prompt", "reference"} (+ optional "id") scored by exact, numeric, bbh
-    or bertscore (bertscore_model / bertscore_layer choose its model and layer)."""
+    or bertscore (bertscore_model / bertscore_layer choose its model and layer). Rows in the
+    formats `safemerge finetune` reads (`messages`, `prompt`/`response`, `instruction`/`output`)
+    work too, so the validation split a fine-tune keeps (OUT/val.jsonl) can choose λ as it is."""
     if scorer not in FILE_SCORERS:
         raise ConfigError(f"unknown scorer {scorer!r} for {path}; available: {', '.join(FILE_SCORERS)}")
     file = existing_file(path, "task file")
     items, seen = [], set()
     for i, (where, row) in enumerate(read_jsonl(file)):
-        prompt, reference = field_text(file, where, row, "prompt"), field_text(file, where, row, "reference")
+        prompt, reference = prompt_and_reference(file, where, row)
         if scorer == "numeric" and extract_number(reference) is None:
-            raise ConfigError(f"{file} {where}: field 'reference' holds no number, which the numeric scorer needs")
+            raise ConfigError(f"{file} {where}: the reference holds no number, which the numeric scorer needs")
         item_id = str(row["id"]) if row.get("id") is not None else f"{file.stem}/{i}"
         if item_id in seen:
             raise ConfigError(f"{file} {where}: id {item_id!r} appears twice; ids must be unique")
         seen.add(item_id)
         items.append(TaskItem(item_id, prompt, reference))
     return _nonempty(Task(f"file:{file.name}", str(file), tuple(items), make_scorer(scorer, **bertscore_options)))
+
+
+def prompt_and_reference(file: Path, where: str, row: dict) -> tuple[str, str]:
+    if "messages" in row and isinstance(row["messages"], list):
+        turns = [m for m in row["messages"] if isinstance(m, dict)]
+        users = [m for m in turns if m.get("role") == "user"]
+        if not users or not turns or turns[-1].get("role") != "assistant":
+            raise ConfigError(f"{file} {where}: `messages` needs a user turn and must end with the assistant's reply")
+        return field_text(file, where, users[-1], "content"), field_text(file, where, turns[-1], "content")
+    if "instruction" in row:
+        extra = row.get("input")
+        prompt = field_text(file, where, row, "instruction") + (f"\n\n{extra}" if extra else "")
+        return prompt, field_text(file, where, row, "output")
+    answer = "response" if "response" in row and "reference" not in row else "reference"
+    return field_text(file, where, row, "prompt"), field_text(file, where, row, answer)
 
 
 def make_scorer(name: str, bertscore_model: str | None = None, bertscore_layer: int | None = None,

@@ -1,0 +1,227 @@
+"""Run a sweep's trials on Ray: a pool of actors, each holding one TrialRunner (the aligned model,
+the evaluation plan and the judge, loaded once per actor), fed one trial at a time.
+
+The driver stays the only writer: results stream back as they finish (``ray.wait``) and are
+stored there, so the cache, the log and the resume behaviour are the local executor's. What
+crosses a process boundary is plain data: the config as JSON, a trial as a dict, and back a
+record and the rows of its response and judgement files. An actor whose process dies is
+restarted (its runner rebuilt) and the trial it was running is retried; since only finished
+results are stored, and atomically, a kill can neither lose a trial nor store one twice or half.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from .config import SweepConfig
+from .errors import ConfigError
+from .evaluate import Measured
+from .sweep import Trial, TrialStore, trial_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
+
+# forwarded to the workers when set here (never credentials): where caches live, offline mode
+FORWARDED_ENV = ("SAFEMERGE_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'safemerge[ray]' (or pip install 'ray>=2.9')") from None
+    return ray
+
+
+class TrialWorker:
+    """The body of one Ray actor. Its `state` runs in a separate concurrency group, so it
+    answers while a trial runs (for monitoring, and for tests that kill a busy worker)."""
+
+    def __init__(self, cfg_json: dict, env: dict[str, str], threads: int):
+        import torch
+
+        from .sweep import TrialRunner
+
+        os.environ.update(env)
+        torch.set_num_threads(threads)  # no more threads than the CPUs Ray reserved for this actor
+        self.trial: str | None = None
+        self.phase: str | None = None
+        self.runner = TrialRunner(SweepConfig(**cfg_json), status=self.note)
+
+    def note(self, text: str) -> None:
+        self.phase = text
+
+    def run(self, trial_dict: dict) -> tuple[dict, dict[str, list[dict]]]:
+        from .evaluate import jsonable
+
+        trial = trial_of(trial_dict)
+        self.trial, self.phase = trial.label, "starting"
+        try:
+            record, measured = self.runner.run(trial)
+            return record, jsonable(measured.records)
+        finally:
+            self.trial, self.phase = None, None
+
+    def state(self) -> dict:
+        return {"pid": os.getpid(), "node": os.uname().nodename, "trial": self.trial, "phase": self.phase}
+
+
+class RayExecutor:
+    """Runs trials on Ray actors with declared resources; same contract as LocalExecutor:
+    records in order, stored ones reused, new ones stored (in this process) as they finish.
+
+    Ray is started (or joined, with ``address``) at the first trial that is not stored yet, so
+    a sweep that is already complete starts nothing. Use as a context manager, or call close().
+    """
+
+    def __init__(self, cfg: SweepConfig, store: TrialStore, log: Callable[[str], None],
+                 status: Callable[[str], None] = lambda text: None, *, address: str | None = None,
+                 num_workers: int | None = None, gpus_per_trial: float = 0, cpus_per_trial: float = 1,
+                 retries: int = 3):
+        if gpus_per_trial < 0 or cpus_per_trial <= 0:
+            raise ConfigError("--gpus-per-trial must be ≥ 0 and the CPUs per trial > 0")
+        if num_workers is not None and num_workers < 1:
+            raise ConfigError(f"num_workers must be at least 1; got {num_workers}")
+        self.cfg, self.store, self.log, self.status = cfg, store, log, status
+        self.address, self.num_workers = address, num_workers
+        self.gpus_per_trial, self.cpus_per_trial, self.retries = gpus_per_trial, cpus_per_trial, retries
+        self.actors: list = []
+        self.started_ray = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers; shut Ray down only if this executor started it."""
+        if not self.actors and not self.started_ray:
+            return
+        ray = require_ray()
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def connect(self):
+        ray = require_ray()
+        if ray.is_initialized():
+            return ray
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        if self.address:
+            try:
+                ray.init(address=self.address, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"--address {self.address}: cannot join the Ray cluster ({first}); "
+                                  "start it with `ray start --head` or leave --address out for a local instance") from None
+        else:
+            cpus = None if self.num_workers is None else math.ceil(self.num_workers * self.cpus_per_trial)
+            ray.init(num_cpus=cpus, **quiet)
+            self.started_ray = True
+        return ray
+
+    def pool_size(self, ray, pending: int) -> int:
+        """As many workers as the cluster holds (or as asked), never more than trials to run."""
+        if self.num_workers is not None:
+            return min(self.num_workers, pending)
+        resources = ray.cluster_resources()
+        fits = int(resources.get("CPU", 0) // self.cpus_per_trial)
+        if self.gpus_per_trial:
+            fits = min(fits, int(resources.get("GPU", 0) // self.gpus_per_trial))
+        if fits < 1:
+            raise ConfigError(f"the Ray cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) "
+                              f"cannot hold one trial ({self.cpus_per_trial:g} CPUs, {self.gpus_per_trial:g} GPUs); "
+                              "lower --gpus-per-trial or add nodes")
+        return min(fits, pending)
+
+    def grow(self, pending: int) -> None:
+        ray = self.connect()
+        wanted = self.pool_size(ray, pending)
+        if len(self.actors) >= wanted:
+            return
+        worker = ray.remote(concurrency_groups={"control": 1})(TrialWorker)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial,
+                       "max_restarts": self.retries, "max_task_retries": self.retries}
+        cfg_json = self.cfg.model_dump(mode="json")
+        threads = max(1, int(self.cpus_per_trial))
+        while len(self.actors) < wanted:
+            self.actors.append(worker.options(**options).remote(cfg_json, env, threads))
+
+    def workers(self, timeout: float = 30) -> list[dict]:
+        """Each worker's pid, node and the trial it is running (None when idle)."""
+        ray = require_ray()
+        return ray.get([a.state.options(concurrency_group="control").remote() for a in self.actors], timeout=timeout)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None] = lambda r: None) -> list[dict]:
+        items = list(items)
+        records: list[dict | None] = [None] * len(items)
+        positions: dict[str, list[int]] = {}
+        for i, (trial, key) in enumerate(items):
+            record = self.store.get(key)
+            if record is not None:
+                records[i] = record
+                self.log(f"reused {key} {trial.label}")
+                on_done(record)
+            else:
+                positions.setdefault(key, []).append(i)
+        if positions:
+            self.evaluate([(items[at[0]][0], key) for key, at in positions.items()], positions, items, records, on_done)
+        return records  # type: ignore[return-value]
+
+    def evaluate(self, todo: list[tuple[Trial, str]], positions: dict[str, list[int]], items, records, on_done) -> None:
+        """Keep every worker busy with one trial; store each result as it arrives."""
+        ray = require_ray()
+        self.grow(len(todo))
+        queue, idle, running = list(todo), list(self.actors), {}
+        failure: BaseException | None = None
+        while queue or running:
+            while queue and idle and failure is None:
+                trial, key = queue.pop(0)
+                actor = idle.pop()
+                running[actor.run.remote(asdict(trial))] = (actor, trial, key, time.perf_counter())
+            self.status(f"{len(running)} trials running on Ray, {len(queue)} waiting")
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, trial, key, _ = running.pop(ready[0])
+            idle.append(actor)
+            try:
+                record, rows = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:  # the trial itself failed: finish the others, then raise
+                failure = failure or (e.cause if isinstance(e.cause, Exception) else e)
+                continue
+            except ray.exceptions.RayActorError as e:  # the worker died more often than it may restart
+                failure = failure or RuntimeError(f"{trial.label}: its Ray worker died {self.retries + 1} times; "
+                                                  f"the sweep can be resumed ({e.__class__.__name__})")
+                idle.remove(actor)
+                self.actors.remove(actor)
+                continue
+            self.finish(trial, key, record, rows, positions[key], items, records, on_done)
+        if failure is not None:
+            raise failure
+
+    def finish(self, trial: Trial, key: str, record: dict, rows: dict[str, list[dict]], at: list[int], items,
+               records, on_done) -> None:
+        record = {"key": key, **record}
+        self.store.put(key, record, Measured(records=rows))
+        self.log(f"evaluated {key} {trial.label} in {record['seconds']['total']:.1f}s")
+        for n, i in enumerate(at):
+            if n:  # the same trial asked for twice: the local executor reuses the first
+                self.log(f"reused {key} {items[i][0].label}")
+            records[i] = record
+            on_done(record)
