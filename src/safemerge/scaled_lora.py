@@ -14,7 +14,6 @@ adapter weights to float32 anyway and vLLM casts them to its LoRA dtype on load.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -38,8 +37,7 @@ def write_scaled_adapter(adapter_dir: Path, lam: float, out: Path, *, force: boo
     would not be the merge. The directory appears complete or not at all.
     """
     adapter_dir, out = Path(adapter_dir), Path(out)
-    if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):  # also refuses NaN
-        raise ConfigError(f"λ is the weight of the fine-tuned model and must lie in [0, 1]; got {lam}")
+    check_lambda(lam)
     files = lora_tensor_files(adapter_dir)
     try:
         tensors = {key: scaled(key, files.read(key), lam) for key in files.infos}
@@ -55,6 +53,11 @@ def write_scaled_adapter(adapter_dir: Path, lam: float, out: Path, *, force: boo
             if (adapter_dir / extra).exists():
                 copy_file(adapter_dir / extra, tmp / extra)
     return out
+
+
+def check_lambda(lam: float) -> None:
+    if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):  # also refuses NaN
+        raise ConfigError(f"λ is the weight of the fine-tuned model and must lie in [0, 1]; got {lam}")
 
 
 def lora_tensor_files(adapter_dir: Path) -> TensorFiles:
@@ -92,9 +95,14 @@ def adapter_rank(adapter_dir: Path) -> int:
     return int(max(ranks))
 
 
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    adapter = open_adapter(Path(adapter_dir), str(adapter_dir), allow_pickle=False)
+    try:
+        return adapter.fingerprint()
+    finally:
+        adapter.files.close()
+
+
 def describe(lam: float) -> str:
     """A stable name for the adapter scaled by λ (directory and LoRA request name)."""
-    return f"lambda-{lam:.6g}" if math.isfinite(lam) else "lambda-invalid"
-
-
-__all__ = ["write_scaled_adapter", "adapter_rank", "describe"]
+    return f"lambda-{lam:.6g}"

@@ -19,14 +19,13 @@ a response is decoded exactly as the transformers backend decodes it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
 from .generation import Completion, GenerationSettings, Request, chat_messages, system_prompt_mode
-from .scaled_lora import adapter_rank, describe, write_scaled_adapter
+from .scaled_lora import adapter_fingerprint, adapter_rank, check_lambda, describe, write_scaled_adapter
 
 MISSING_VLLM = "the vLLM backend needs vllm: pip install 'safemerge[vllm]' on a machine with a GPU"
 CHUNK = 1024  # requests per engine call: vLLM batches inside a call; on_batch (the cache) sees each chunk
@@ -162,13 +161,14 @@ class VllmBackend:
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  on_batch: Callable[[list[Completion]], None] | None = None, lora=None) -> list[Completion]:
-        return self.generate_grid(requests, settings, [lora], on_batch=on_batch)[0]
+        keep = (lambda _, batch: on_batch(batch)) if on_batch else None
+        return self.generate_grid(requests, settings, [lora], on_batch=keep)[0]
 
     def generate_grid(self, requests: Sequence[Request], settings: GenerationSettings, loras: Sequence,
-                      on_batch: Callable[[list[Completion]], None] | None = None) -> list[list[Completion]]:
+                      on_batch: Callable[[int, list[Completion]], None] | None = None) -> list[list[Completion]]:
         """The requests under each LoRA request (None: the base weights), all in shared engine calls:
         one list of completions per entry of ``loras``, in request order. ``on_batch`` sees the
-        completions of one LoRA at a time (a cache is per model, so per λ)."""
+        index of a LoRA in ``loras`` and its new completions (a cache is per model, so per λ)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -185,7 +185,7 @@ class VllmBackend:
                 results[k][i] = completions(requests[i], prompts[i], encoded[i], out.outputs, self.stops, self.decode)
             if on_batch:
                 for k in sorted({k for k, _ in chunk}):
-                    on_batch([c for kk, i in chunk if kk == k for c in results[k][i]])
+                    on_batch(k, [c for kk, i in chunk if kk == k for c in results[k][i]])
             if self.progress:
                 self.progress(len(chunk))
         return [[c for i in range(len(requests)) for c in per[i]] for per in results]
@@ -203,7 +203,9 @@ class VllmBackend:
         if rank > self.max_lora_rank:
             raise ConfigError(f"{adapter_dir} has LoRA rank {rank} but the engine was started with max_lora_rank "
                               f"{self.max_lora_rank}; start it with max_lora_rank >= {rank}")
-        name = describe(lam)
+        check_lambda(lam)
+        # named by λ and the source adapter's content, so a scratch directory is never stale
+        name = f"{describe(lam)}-{adapter_fingerprint(Path(adapter_dir))[-12:]}"
         path = Path(scratch) / name
         if not (path / "adapter_config.json").exists():
             write_scaled_adapter(Path(adapter_dir), lam, path)
@@ -215,8 +217,6 @@ class VllmBackend:
         """A backend that generates as the linear / task_arithmetic merge at λ of the aligned model (the
         engine's weights) with the LoRA fine-tune ``adapter_dir``; ``model_id`` is that merge's
         fingerprint, chosen by the caller (it keys the response cache)."""
-        if not math.isfinite(lam):
-            raise ConfigError(f"λ must be a number in [0, 1]; got {lam}")
         return LambdaView(self, self.lora_request(adapter_dir, lam, scratch), model_id, lam)
 
 
