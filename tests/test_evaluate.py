@@ -165,6 +165,7 @@ BAD_INPUTS = [
     (["--safety", "file:{root}/harmful.csv", "--device", "cuda"], "CUDA is not available"),
     ([], "nothing to evaluate"),
     (["--task", "gsm8k:{root}/gsm.jsonl", "--pass-k", "1,5"], "--pass-k"),
+    (["--safety", "file:{root}/harmful.csv", "--backend", "vllm"], "vllm"),
 ]
 
 
@@ -176,6 +177,11 @@ def test_bad_input_is_one_clear_line(files, tmp_path, args, message):
     args = [a.format(root=files["root"]) for a in args]
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    if "vllm" in args:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm"):
+            pytest.skip("vllm is installed here")
     r = run_cli("evaluate", str(files["model"]), "--out", str(tmp_path / "out"), *args, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()

@@ -144,6 +144,8 @@ class EvalConfig(BaseModel):
     repetition_penalty: float = Field(1.2, gt=0, description="repetition penalty of the safety generations")
     task_repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty of the task generations (numbers and code repeat tokens)")
     batch_size: int = Field(8, ge=1)
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="generation engine (vllm: GPU, optional extra)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts of each set")
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

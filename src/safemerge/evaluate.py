@@ -64,22 +64,17 @@ def evaluate(model: str, out: str | Path, *, progress: bool = True, invoked_as: 
 
 
 def run(cfg: EvalConfig, *, progress: bool = True, invoked_as: str | None = None) -> EvalResult:
-    from .models import load_model, pick_device
+    from .models import pick_device
     from .writer import atomic_directory, check_out
 
     check_out(cfg.out, cfg.force)
     device = pick_device(cfg.device)
     plan = prepare(cfg, device)
     started = time.perf_counter()
-    loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, chat_template=cfg.chat_template,
-                        allow_pickle=cfg.allow_pickle)
-    backend = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint, batch_size=cfg.batch_size)
-    model_record = {"spec": cfg.model, "fingerprint": loaded.fingerprint, "backend": backend.name,
-                    "device": loaded.device, "dtype": loaded.dtype, "chat_template": loaded.chat_template,
-                    "system_prompt": backend.system_mode}
+    backend, model_record = evaluated_backend(cfg, device)
     with progress_bar(progress) as bar:
         measured = generate_and_score(backend, plan, cfg, bar)
-        del backend, loaded  # free the evaluated model before a judge model is loaded
+        del backend  # free the evaluated model before a judge model is loaded
         judge = build_judge(plan.judge_spec, cfg, device)
         judge_all(measured, plan, judge, bar)
     results = results_record(cfg, plan, model_record, measured, judge, invoked_as)
@@ -87,6 +82,40 @@ def run(cfg: EvalConfig, *, progress: bool = True, invoked_as: str | None = None
     with atomic_directory(cfg.out, cfg.force) as tmp:
         write_outputs(tmp, results, measured.records)
     return EvalResult(cfg.out, results)
+
+
+def evaluated_backend(cfg: EvalConfig, device: str) -> tuple[Backend, dict]:
+    """The backend that generates with MODEL, and what results.json records of it."""
+    if cfg.backend == "vllm":
+        backend, fingerprint = vllm_backend(cfg, cfg.model, judge=False)
+        record = {"dtype": cfg.dtype, "chat_template": str(cfg.chat_template) if cfg.chat_template else "model"}
+    else:
+        from .models import load_model
+
+        loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, chat_template=cfg.chat_template,
+                            allow_pickle=cfg.allow_pickle)
+        backend = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint,
+                                      batch_size=cfg.batch_size)
+        fingerprint, record = loaded.fingerprint, {"dtype": loaded.dtype, "chat_template": loaded.chat_template}
+    return backend, {"spec": cfg.model, "fingerprint": fingerprint, "backend": backend.name, "device": device,
+                     "precision": backend.precision, **record, "system_prompt": getattr(backend, "system_mode", None)}
+
+
+def vllm_backend(cfg: EvalConfig, spec: str, judge: bool):
+    """A vLLM engine on a model directory, or on a LoRA adapter's base with the adapter as a request."""
+    from .checkpoints import LoraAdapter, open_source, resolve
+    from .vllm_backend import VllmBackend
+
+    source = open_source(spec, allow_pickle=False)
+    options = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype, "seed": cfg.seed,
+               "chat_template": None if judge else cfg.chat_template, "require_chat_template": not judge}
+    if isinstance(source, LoraAdapter):
+        base = open_source(source.config["base_model_name_or_path"])
+        fingerprint = f"{base.fingerprint()}+lora:{source.fingerprint()}"
+        engine = VllmBackend(str(base.path), model_id=base.fingerprint(), enable_lora=True, **options)
+        return engine.for_lambda(source.path, 1.0, model_id=fingerprint, scratch=cache_root(cfg) / "lora"), fingerprint
+    fingerprint = source.fingerprint()
+    return VllmBackend(str(resolve(spec)), model_id=fingerprint, **options), fingerprint
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -222,6 +251,8 @@ def build_judge(spec: str, cfg: EvalConfig, device: str) -> judging.Judge:
     from .models import load_model
 
     def backend_for(model_spec: str) -> Backend:
+        if cfg.backend == "vllm":
+            return CachedBackend(vllm_backend(cfg, model_spec, judge=True)[0], cache_root(cfg) / "judgements")
         loaded = load_model(model_spec, device=device, dtype=cfg.dtype, require_chat_template=False,
                             allow_pickle=cfg.allow_pickle)
         inner = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint, batch_size=cfg.batch_size)
