@@ -208,7 +208,11 @@ class SweepConfig(BaseModel):
     task_val: list[str] = Field(default_factory=list, min_length=1, description="tasks whose score chooses λ")
     task_test: list[str] = Field(default_factory=list, description="tasks reported for the chosen merge")
     keep: Literal["chosen", "all", "none"] = Field("chosen", description="which merged models to write")
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = Field("local", description="where trials run: this process, or Ray workers")
+    address: str | None = Field(None, description="ray: the cluster to join (default: start a local instance)")
+    gpus_per_trial: float = Field(0, ge=0, description="ray: GPUs each worker (one trial at a time) holds")
+    cpus_per_trial: float = Field(1, gt=0, description="ray: CPUs each worker holds")
+    num_workers: int | None = Field(None, ge=1, description="ray: workers (default: as many as the cluster holds)")
     # evaluation settings, as in `safemerge evaluate`
     judge: str = "auto"
     system_prompt: str | None = PAPER_SYSTEM_PROMPT

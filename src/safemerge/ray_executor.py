@@ -92,7 +92,7 @@ class RayExecutor:
         self.address, self.num_workers = address, num_workers
         self.gpus_per_trial, self.cpus_per_trial, self.retries = gpus_per_trial, cpus_per_trial, retries
         self.actors: list = []
-        self.started_ray = False
+        self.owns_ray = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -103,16 +103,17 @@ class RayExecutor:
         self.close()
 
     def close(self) -> None:
-        """Stop the workers; shut Ray down only if this executor started it."""
-        if not self.actors and not self.started_ray:
+        """Stop the workers; shut Ray down if this executor started it (a cluster joined with
+        ``address`` is only disconnected from: it keeps running)."""
+        if not self.actors and not self.owns_ray:
             return
         ray = require_ray()
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-        if self.started_ray:
+        if self.owns_ray:
             ray.shutdown()
-            self.started_ray = False
+            self.owns_ray = False
 
     def connect(self):
         ray = require_ray()
@@ -122,14 +123,15 @@ class RayExecutor:
         if self.address:
             try:
                 ray.init(address=self.address, **quiet)
+                self.owns_ray = True  # our connection: close() disconnects, the cluster lives on
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"--address {self.address}: cannot join the Ray cluster ({first}); "
                                   "start it with `ray start --head` or leave --address out for a local instance") from None
         else:
             cpus = None if self.num_workers is None else math.ceil(self.num_workers * self.cpus_per_trial)
-            ray.init(num_cpus=cpus, **quiet)
-            self.started_ray = True
+            ray.init(address="local", num_cpus=cpus, **quiet)  # a new instance, never a `ray start` one found here
+            self.owns_ray = True
         return ray
 
     def pool_size(self, ray, pending: int) -> int:

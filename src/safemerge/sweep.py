@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -255,6 +255,8 @@ class Executor(Protocol):
 
     def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None]) -> list[dict]: ...
 
+    def close(self) -> None: ...
+
 
 class LocalExecutor:
     """Runs trials one after the other in this process; the runner is built at the first trial
@@ -279,6 +281,9 @@ class LocalExecutor:
             records.append(record)
             on_done(record)
         return records
+
+    def close(self) -> None:
+        self.runner = None
 
 
 # --- the sweep -----------------------------------------------------------------------------
@@ -314,18 +319,27 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
             log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
             log_file.flush()
 
-        executor = LocalExecutor(cfg, store, log, bar.status)
-        records = executor.run(keyed(baselines(cfg)), bar.advance)
         search_log, breaches = [], []
-        if cfg.search == "grid":
-            records += executor.run(keyed(grid_trials(cfg)), bar.advance)
-        else:
-            aligned = records[0]
-            for method_trials in bisect_groups(cfg):
-                records += run_bisection(cfg, method_trials, executor, keyed, aligned, bar, search_log, breaches)
+        with closing(make_executor(cfg, store, log, bar.status)) as executor:
+            if cfg.search == "grid":  # one call, so that parallel workers never wait for the baselines
+                records = executor.run(keyed(baselines(cfg) + grid_trials(cfg)), bar.advance)
+            else:
+                records = executor.run(keyed(baselines(cfg)), bar.advance)
+                for method_trials in bisect_groups(cfg):
+                    records += run_bisection(cfg, method_trials, executor, keyed, records[0], bar, search_log,
+                                             breaches)
     results = assemble(cfg, records, search_log, breaches, invoked_as)
     finish(cfg, results, progress)
     return SweepResult(out, results)
+
+
+def make_executor(cfg: SweepConfig, store: TrialStore, log, status) -> Executor:
+    if cfg.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(cfg, store, log, status, address=cfg.address, num_workers=cfg.num_workers,
+                           gpus_per_trial=cfg.gpus_per_trial, cpus_per_trial=cfg.cpus_per_trial)
+    return LocalExecutor(cfg, store, log, status)
 
 
 def check_run_directory(out: Path) -> None:
