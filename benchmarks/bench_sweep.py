@@ -2,7 +2,8 @@
 
 On a small random Llama (hidden 512, 4 layers, vocab 8192; 20 M parameters, bfloat16 on disk,
 float32 in memory) and two fine-tuned copies, a grid sweep (aligned, 2 fine-tuned, linear and
-ties at λ 0.3 and 0.7 per seed, model_stock: 12 trials) over 32 harmful prompts (keyword judge)
+ties at λ 0.3 and 0.7 per seed, model_stock: 12 trials) over 64 harmful prompts (32 to choose on, 32
+to report; keyword judge)
 and 16 validation items, 32 new tokens per response, is timed three ways:
 
 * the sweep as users run it (`safemerge.sweep.sweep`), from a cold generation cache: its total
@@ -107,7 +108,7 @@ def main() -> None:
         evaluation = work["generate"] + work["judge"] + work["score"]
         naive_total, naive_trials = naive(cfg, root)
     print(f"model: Llama 20 M parameters (bfloat16 on disk, float32 in memory), {torch.get_num_threads()} threads; "
-          f"{len(trials)} trials x (32 safety prompts + 16 validation items), 32 new tokens each")
+          f"{len(trials)} trials x (64 safety prompts + 16 validation items), 32 new tokens each")
     print(f"{'':38} {'seconds':>8}")
     print(f"{'sweep, total':38} {total:8.2f}")
     print(f"{'  generation (sum over trials)':38} {work['generate']:8.2f}")
