@@ -711,3 +711,35 @@ def test_no_room_for_a_new_file(llama32, tmpfs, free_inodes):
     out = fs / "merged"
     line = assert_refused([llama32["aligned"], llama32["seed0"]], out, fs, debug=False)  # one run: they'd share inodes
     assert re.search(r"space|inode", line, re.IGNORECASE), line
+
+
+def test_a_killed_runs_temporary_directory_is_cleaned_by_the_next_run(llama32, tmp_path):
+    """kill -9 leaves `.<name>.tmp-<host>-<pid>`; the next write to that output removes it when
+    its process is gone, and never touches a live process's work or other hosts'."""
+    import socket
+
+    from safemerge.merge import merge
+
+    out = tmp_path / "merged"
+    dead = next(pid for pid in range(4_000_000, 3_000_000, -1) if not _alive(pid))
+    host = socket.gethostname()
+    stale = tmp_path / f".merged.tmp-{host}-{dead}"
+    live = tmp_path / f".merged.tmp-{host}-{os.getppid()}"  # a running process's work
+    not_ours = tmp_path / f".merged.tmp-{host}-{dead}x"  # not a pid
+    other_host = tmp_path / f".merged.tmp-elsewhere-{dead}"
+    for d in (stale, live, not_ours, other_host):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    merge(str(llama32["aligned"]), [str(llama32["seed0"])], out, lam=0.5, progress=False)
+    assert not stale.exists() and live.exists() and not_ours.exists() and other_host.exists()
+    assert (out / "model.safetensors").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

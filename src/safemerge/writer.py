@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import threading
 from collections import deque
 from contextlib import contextmanager
@@ -243,6 +244,29 @@ def check_out(out: Path, force: bool) -> Path:
     return out
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary directories that a killed run (kill -9, power loss) left beside ``out``: only
+    those of this host whose process is gone, so another run's work in progress is never touched.
+    (A `.old-` directory is never removed here: it may hold the user's previous output.)"""
+    prefix = f".{out.name}.tmp-{socket.gethostname()}-"
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.iterdir():
+        pid = path.name.removeprefix(prefix)
+        if path.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool):
     """Yield a temporary directory beside ``out``; rename it to ``out`` only on success.
@@ -253,7 +277,8 @@ def atomic_directory(out: Path, force: bool):
     """
     out = check_out(out, force)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
