@@ -40,7 +40,7 @@ from .inplace import LiveMerger
 from .prompts import load_safety_set
 from .tasks import Task, load_task
 
-PARTS = ("selection", "report")
+CFG_ALIGNED = "\0aligned"  # key of the aligned model in the fingerprint table (never a path)
 
 
 # --- trials --------------------------------------------------------------------------------
@@ -160,9 +160,6 @@ def trial_key(trial: Trial, fingerprints: dict[str, str], identity: dict) -> str
                "aligned": fingerprints[CFG_ALIGNED], "finetuned": [fingerprints[f] for f in trial.finetuned],
                "evaluation": identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
-
-
-CFG_ALIGNED = "\0aligned"  # key of the aligned model in the fingerprint table
 
 
 # --- running trials ------------------------------------------------------------------------
