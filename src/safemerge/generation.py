@@ -106,31 +106,13 @@ def chat_messages(request: Request, mode: str) -> list[dict]:
 # --- the transformers backend ------------------------------------------------------------
 
 
-class TransformersBackend:
-    """Batched generation with transformers: left padding, prompts sorted by length so a batch
-    wastes little on padding, the model's own chat template, greedy unless asked to sample."""
+class PromptRenderer:
+    """Requests to the exact prompt text and token ids a model sees; every backend renders through it."""
 
-    name = "transformers"
-
-    def __init__(self, model, tokenizer, *, model_id: str, batch_size: int = 8, progress=None):
-        self.model = model
+    def __init__(self, tokenizer, model_id: str):
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.batch_size = batch_size
-        self.progress = progress  # callable(done_prompts) or None
         self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def precision(self) -> str:
-        """Where and in which dtype the model computes: the same weights give other tokens elsewhere."""
-        return f"{self.device.type}/{str(self.model.dtype).removeprefix('torch.')}"
 
     def render(self, request: Request) -> str:
         if request.text is not None:
@@ -146,6 +128,31 @@ class TransformersBackend:
             raise ConfigError(f"prompt {request.id} encodes to no tokens with the tokenizer of {self.model_id}; "
                               "check that the model directory holds its own tokenizer")
         return ids
+
+
+class TransformersBackend(PromptRenderer):
+    """Batched generation with transformers: left padding, prompts sorted by length so a batch
+    wastes little on padding, the model's own chat template, greedy unless asked to sample."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, model_id: str, batch_size: int = 8, progress=None):
+        super().__init__(tokenizer, model_id)
+        self.model = model
+        self.batch_size = batch_size
+        self.progress = progress  # callable(done_prompts) or None
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def precision(self) -> str:
+        """Where and in which dtype the model computes: the same weights give other tokens elsewhere."""
+        return f"{self.device.type}/{str(self.model.dtype).removeprefix('torch.')}"
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  on_batch: Callable[[list[Completion]], None] | None = None) -> list[Completion]:

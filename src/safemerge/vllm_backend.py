@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .generation import Completion, GenerationSettings, Request, chat_messages, system_prompt_mode
+from .generation import Completion, GenerationSettings, PromptRenderer, Request
 from .scaled_lora import adapter_fingerprint, adapter_rank, check_lambda, describe, write_scaled_adapter
 
 MISSING_VLLM = "the vLLM backend needs vllm: pip install 'safemerge[vllm]' on a machine with a GPU"
@@ -74,30 +74,6 @@ def stop_token_ids(model_path: str | Path, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-class PromptRenderer:
-    """Requests to prompt text and token ids, exactly as TransformersBackend renders and encodes them."""
-
-    def __init__(self, tokenizer, model_id: str):
-        self.tokenizer = tokenizer
-        self.model_id = model_id
-        self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
-
-    def render(self, request: Request) -> str:
-        if request.text is not None:
-            return request.text
-        return self.tokenizer.apply_chat_template(
-            chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True
-        )
-
-    def encode(self, request: Request) -> list[int]:
-        # raw text gets the tokenizer's special tokens (BOS); a rendered chat template has them already
-        ids = self.tokenizer(self.render(request), add_special_tokens=request.text is not None)["input_ids"]
-        if not ids:
-            raise ConfigError(f"prompt {request.id} encodes to no tokens with the tokenizer of {self.model_id}; "
-                              "check that the model directory holds its own tokenizer")
-        return ids
 
 
 def completions(request: Request, prompt: str, prompt_ids: list[int], outputs, stops: set[int],
