@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, finetune_copy, save_model
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'safemerge[ray]')")
 
@@ -37,19 +36,8 @@ EVALUATED = re.compile(r"^evaluated ([0-9a-f]{40}) (.+) in \d+\.\ds$")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    base = build_model("llama", seed=11)
-    aligned = save_model(base, root / "aligned", torch.bfloat16)
-    seeds = [save_model(finetune_copy(base, s, scale=0.05), root / f"seed{s}", torch.bfloat16) for s in range(2)]
-    harmful = root / "harmful.csv"
-    harmful.write_text("goal\n" + "".join(f"w{10 + i} w{30 + (5 * i) % 50} w{60 + i}\n" for i in range(16)))
-    for name, start in (("val", 0), ("test", 20)):
-        (root / f"{name}.jsonl").write_text("".join(
-            json.dumps({"question": f"w{start + i} w{start + 2 * i}", "answer": f"#### {i}"}) + "\n" for i in range(4)))
-    keywords = root / "keywords.txt"
-    keywords.write_text("w43\nw86\n")
-    return {"root": root, "aligned": aligned, "seeds": seeds, "harmful": harmful, "keywords": keywords}
+def inputs(sweep_inputs):
+    return sweep_inputs
 
 
 def sweep_config(inputs, out: Path) -> SweepConfig:
