@@ -186,3 +186,48 @@ def test_cache_resumes_after_an_interrupted_run(backend, tmp_path):
     fresh = backend.generate(requests, settings)
     assert [c.response for c in resumed] == [c.response for c in fresh]
     assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def second_backend(tmp_path_factory):
+    path = save_model(build_model("llama", seed=4), tmp_path_factory.mktemp("gen2") / "llama", torch.float32)
+    loaded = load_model(str(path), device="cpu")
+    return TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint, batch_size=4)
+
+
+def test_shared_generation_fills_each_models_cache(backend, second_backend, tmp_path):
+    """generate_shared (how one vLLM engine serves every λ) fills one cache per model from shared
+    calls; each cache then answers exactly what its model generates, and asks nothing again."""
+    from safemerge.generation import generate_shared
+
+    models = [Counting(backend), Counting(second_backend)]
+    caches = [CachedBackend(m, tmp_path) for m in models]
+    requests = [chat(i, 2 + i) for i in range(6)]
+    settings = GenerationSettings(max_new_tokens=5)
+    calls = []
+
+    def grid(todo, settings, members, on_batch):  # one "engine call" per member list
+        calls.append((members, [r.id for r in todo]))
+        for k in members:
+            models[k].generate(todo, settings, lambda batch, k=k: on_batch(k, batch))
+
+    # model 0 was stopped after 2 requests: its cache keeps them, so it misses other requests than model 1
+    with caches[0].partial_sink(requests, settings) as keep:
+        keep(backend.generate(requests[:2], settings))
+    generate_shared(caches, requests, settings, grid)
+    assert calls == [([0], [r.id for r in requests[2:]]), ([1], [r.id for r in requests])]
+    generate_shared(caches, requests, settings, grid)  # everything is cached now
+    assert len(calls) == 2
+    for model, inner in zip(models, (backend, second_backend)):
+        asked = len(model.asked)
+        fresh = CachedBackend(model, tmp_path)
+        got = fresh.generate(requests, settings)
+        assert fresh.hits == len(requests) and len(model.asked) == asked
+        assert [c.response for c in got] == [c.response for c in inner.generate(requests, settings)]
+    assert not list(tmp_path.glob("*.partial.jsonl"))
+
+    # two fresh caches that miss the same requests share one call
+    calls.clear()
+    other = GenerationSettings(max_new_tokens=4)
+    generate_shared([CachedBackend(m, tmp_path) for m in models], requests, other, grid)
+    assert calls == [([0, 1], [r.id for r in requests])]

@@ -146,6 +146,8 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     backend: Literal["transformers", "vllm"] = Field("transformers", description="generation engine (vllm: GPU, optional extra)")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU the evaluated model's engine takes")
+    judge_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU a judge model's engine takes")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts of each set")
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -180,8 +182,9 @@ DEFAULT_SWEEP_METHODS = ("linear", "slerp", "dare_linear", "ties", "model_stock"
 DEFAULT_LAMBDAS = (0.2, 0.4, 0.6, 0.8)
 # EvalConfig fields a sweep passes through unchanged to every trial's evaluation
 EVAL_FIELDS = ("judge", "system_prompt", "max_new_tokens", "repetition_penalty", "task_repetition_penalty", "batch_size",
-               "limit", "device", "dtype", "chat_template", "cache_dir", "allow_code_execution", "samples", "temperature",
-               "pass_k", "lm_eval_include", "bertscore_model", "bertscore_layer", "seed", "allow_pickle")
+               "backend", "tensor_parallel_size", "gpu_memory_utilization", "judge_gpu_memory_utilization", "limit",
+               "device", "dtype", "chat_template", "cache_dir", "allow_code_execution", "samples", "temperature", "pass_k",
+               "lm_eval_include", "bertscore_model", "bertscore_layer", "seed", "allow_pickle")
 
 
 class SweepConfig(BaseModel):
@@ -220,6 +223,11 @@ class SweepConfig(BaseModel):
     repetition_penalty: float = Field(1.2, gt=0)
     task_repetition_penalty: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="generation engine (vllm: GPU, optional extra)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over")
+    # vllm: a sweep keeps the trial's engine and the judge's engine on the GPU together
+    gpu_memory_utilization: float = Field(0.55, gt=0, le=1, description="vllm: share of each GPU the trial model's engine takes")
+    judge_gpu_memory_utilization: float = Field(0.35, gt=0, le=1, description="vllm: share of each GPU the judge model's engine takes")
     limit: int | None = Field(None, ge=1)
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="dtype the trial models compute in")
@@ -247,6 +255,18 @@ class SweepConfig(BaseModel):
     @classmethod
     def _empty_is_none(cls, v):
         return v or None
+
+    @model_validator(mode="after")
+    def _engines_fit(self):
+        if self.backend == "vllm":
+            if self.gpu_memory_utilization + self.judge_gpu_memory_utilization > 1:
+                raise ValueError("vllm: the trial model's and the judge's engines share the GPUs: --gpu-memory-utilization "
+                                 f"({self.gpu_memory_utilization}) + --judge-gpu-memory-utilization "
+                                 f"({self.judge_gpu_memory_utilization}) must be at most 1")
+            if self.executor == "ray" and self.gpus_per_trial < self.tensor_parallel_size:
+                raise ValueError(f"vllm on ray: each worker's engine spans --tensor-parallel-size {self.tensor_parallel_size} "
+                                 f"GPUs; give --gpus-per-trial {self.tensor_parallel_size} (now {self.gpus_per_trial:g})")
+        return self
 
     @model_validator(mode="after")
     def _methods(self):

@@ -74,7 +74,8 @@ def run(cfg: EvalConfig, *, progress: bool = True, invoked_as: str | None = None
     backend, model_record = evaluated_backend(cfg, device)
     with progress_bar(progress) as bar:
         measured = generate_and_score(backend, plan, cfg, bar)
-        del backend  # free the evaluated model before a judge model is loaded
+        release(backend)  # free the evaluated model before a judge model is loaded
+        del backend
         judge = build_judge(plan.judge_spec, cfg, device)
         judge_all(measured, plan, judge, bar)
     results = results_record(cfg, plan, model_record, measured, judge, invoked_as)
@@ -101,18 +102,28 @@ def evaluated_backend(cfg: EvalConfig, device: str) -> tuple[Backend, dict]:
                      "precision": backend.precision, **record, "system_prompt": getattr(backend, "system_mode", None)}
 
 
+def release(backend: Backend) -> None:
+    """Free a backend's model now: an engine (vLLM) is shut down, a transformers model is dropped."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
 def vllm_backend(cfg: EvalConfig, spec: str, judge: bool):
     """A vLLM engine on a model directory, or on a LoRA adapter's base with the adapter as a request."""
     from .checkpoints import LoraAdapter, open_source, resolve
-    from .vllm_backend import VllmBackend
+    from .scaled_lora import adapter_rank
+    from .vllm_backend import VllmBackend, lora_rank_slot
 
     source = open_source(spec, allow_pickle=False)
     options = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype, "seed": cfg.seed,
+               "gpu_memory_utilization": cfg.judge_gpu_memory_utilization if judge else cfg.gpu_memory_utilization,
                "chat_template": None if judge else cfg.chat_template, "require_chat_template": not judge}
     if isinstance(source, LoraAdapter):
         base = open_source(source.config["base_model_name_or_path"])
         fingerprint = f"{base.fingerprint()}+lora:{source.fingerprint()}"
-        engine = VllmBackend(str(base.path), model_id=base.fingerprint(), enable_lora=True, **options)
+        engine = VllmBackend(str(base.path), model_id=base.fingerprint(), enable_lora=True,
+                             max_lora_rank=lora_rank_slot(adapter_rank(source.path)), max_loras=1, **options)
         return engine.for_lambda(source.path, 1.0, model_id=fingerprint, scratch=cache_root(cfg) / "lora"), fingerprint
     fingerprint = source.fingerprint()
     return VllmBackend(str(resolve(spec)), model_id=fingerprint, **options), fingerprint
@@ -176,12 +187,11 @@ def task_settings(cfg: EvalConfig, task: Task) -> GenerationSettings:
 
 def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: Callable[[str, int], Callable]) -> Measured:
     """Generate every response (safety sets and tasks), score the tasks; judging comes later."""
-    cached = CachedBackend(backend, cache_root(cfg) / "generations")
+    cached = generation_cache(backend, cfg)
+    jobs = generation_jobs(plan, cfg)
     measured = Measured()
     for name, pset in plan.safety.items():
-        requests = [Request(p.id, messages=({"role": "user", "content": p.text},), system=cfg.system_prompt)
-                    for p in pset.prompts]
-        settings = safety_settings(cfg)
+        requests, settings = jobs[name]
         hits = cached.hits
         completions = timed(measured, f"generate/{name}", generate, cached, requests, settings, bar(f"generate {name}", len(requests)))
         measured.safety[name] = {"source": pset.source, "sha256": pset.sha256, "n": len(pset.prompts),
@@ -190,9 +200,7 @@ def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: C
         measured.records[f"responses/{slug(name)}.jsonl"] = [
             response_row(c, p.text) for p, c in zip(pset.prompts, completions)]
     for name, task in plan.tasks.items():
-        settings = task_settings(cfg, task)
-        system = cfg.system_prompt if task.system_prompt else None
-        requests = [Request(it.id, messages=({"role": "user", "content": it.prompt},), system=system) for it in task.items]
+        requests, settings = jobs[name]
         hits = cached.hits
         completions = timed(measured, f"generate/{name}", generate, cached, requests, settings, bar(f"generate {name}", len(requests)))
         by_item = [completions[i * settings.num_samples:(i + 1) * settings.num_samples] for i in range(len(task.items))]
@@ -206,6 +214,23 @@ def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: C
         measured.tasks[f"lm-eval:{name}"] = record | {"responses": f"responses/lm-eval_{slug(name)}.jsonl"}
         measured.records[f"responses/lm-eval_{slug(name)}.jsonl"] = per_item
     return measured
+
+
+def generation_jobs(plan: EvalPlan, cfg: EvalConfig) -> dict[str, tuple[list[Request], GenerationSettings]]:
+    """Every generation an evaluation asks of a model, by set or task name: its requests and settings."""
+    jobs = {}
+    for name, pset in plan.safety.items():
+        jobs[name] = ([Request(p.id, messages=({"role": "user", "content": p.text},), system=cfg.system_prompt)
+                       for p in pset.prompts], safety_settings(cfg))
+    for name, task in plan.tasks.items():
+        system = cfg.system_prompt if task.system_prompt else None
+        jobs[name] = ([Request(it.id, messages=({"role": "user", "content": it.prompt},), system=system)
+                       for it in task.items], task_settings(cfg, task))
+    return jobs
+
+
+def generation_cache(backend: Backend, cfg: EvalConfig) -> CachedBackend:
+    return CachedBackend(backend, cache_root(cfg) / "generations")
 
 
 def generate(backend: Backend, requests: list[Request], settings: GenerationSettings, advance) -> list[Completion]:

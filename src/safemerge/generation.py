@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -251,24 +252,29 @@ class CachedBackend:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
-    def generate(self, requests: Sequence[Request], settings: GenerationSettings,
-                 on_batch: Callable[[list[Completion]], None] | None = None) -> list[Completion]:
+    def paths(self, requests: Sequence[Request], settings: GenerationSettings) -> tuple[Path, Path]:
+        """The finished file and the partial file (a run in progress) of these requests."""
         key = self.key(requests, settings)
-        done_path = self.cache_dir / f"{key}.jsonl"
-        if done_path.exists():
-            self.hits += len(requests)
-            completions = read_completions(done_path)
-            if on_batch:
-                on_batch(completions)
-            return completions
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        partial_path = self.cache_dir / f"{key}.partial.jsonl"
+        return self.cache_dir / f"{key}.jsonl", self.cache_dir / f"{key}.partial.jsonl"
+
+    def finished_part(self, partial_path: Path, settings: GenerationSettings) -> dict[str, list[Completion]]:
         finished = group_by_id(read_completions(partial_path)) if partial_path.exists() else {}
-        finished = {i: c for i, c in finished.items() if len(c) == settings.num_samples}
-        self.hits += len(finished)
-        if finished and on_batch:
-            on_batch([c for cs in finished.values() for c in cs])
-        todo = [r for r in requests if r.id not in finished]
+        return {i: c for i, c in finished.items() if len(c) == settings.num_samples}
+
+    def missing(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Request]:
+        """The requests this cache cannot answer yet."""
+        done_path, partial_path = self.paths(requests, settings)
+        if done_path.exists():
+            return []
+        finished = self.finished_part(partial_path, settings)
+        return [r for r in requests if r.id not in finished]
+
+    @contextmanager
+    def partial_sink(self, requests: Sequence[Request], settings: GenerationSettings,
+                     on_batch: Callable[[list[Completion]], None] | None = None):
+        """A function that appends new completions to the partial file as they come."""
+        _, partial_path = self.paths(requests, settings)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         with open(partial_path, "a") as sink:
             def keep(batch: list[Completion]) -> None:
                 sink.writelines(json.dumps(completion_row(c)) + "\n" for c in batch)
@@ -276,12 +282,54 @@ class CachedBackend:
                 if on_batch:
                     on_batch(batch)
 
+            yield keep
+
+    def generate(self, requests: Sequence[Request], settings: GenerationSettings,
+                 on_batch: Callable[[list[Completion]], None] | None = None) -> list[Completion]:
+        done_path, partial_path = self.paths(requests, settings)
+        if done_path.exists():
+            self.hits += len(requests)
+            completions = read_completions(done_path)
+            if on_batch:
+                on_batch(completions)
+            return completions
+        finished = self.finished_part(partial_path, settings)
+        self.hits += len(finished)
+        if finished and on_batch:
+            on_batch([c for cs in finished.values() for c in cs])
+        todo = [r for r in requests if r.id not in finished]
+        with self.partial_sink(requests, settings, on_batch) as keep:
             fresh = group_by_id(self.backend.generate(todo, settings, keep)) if todo else {}
         by_id = {**finished, **fresh}
         completions = [c for r in requests for c in sorted(by_id[r.id], key=lambda c: c.sample)]
         write_completions(done_path, completions)
         partial_path.unlink(missing_ok=True)
         return completions
+
+
+GridGenerate = Callable[[list[Request], GenerationSettings, list[int], Callable[[int, list[Completion]], None]], None]
+
+
+def generate_shared(caches: Sequence[CachedBackend], requests: Sequence[Request], settings: GenerationSettings,
+                    grid: GridGenerate) -> None:
+    """Fill several caches (one per model) with the completions of the same requests, generating in
+    shared engine calls: ``grid(todo, settings, members, on_batch)`` generates ``todo`` under the
+    model of each cache index in ``members`` and hands each batch to ``on_batch(index, completions)``.
+    Caches that already hold the answers are skipped; caches that miss the same requests (a fresh
+    start, or runs stopped at the same point) generate them together."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for k, cache in enumerate(caches):
+        todo = cache.missing(requests, settings)
+        if todo:
+            groups.setdefault(tuple(r.id for r in todo), []).append(k)
+    for ids, members in groups.items():
+        wanted = set(ids)
+        todo = [r for r in requests if r.id in wanted]
+        with ExitStack() as stack:
+            sinks = {k: stack.enter_context(caches[k].partial_sink(requests, settings)) for k in members}
+            grid(todo, settings, members, lambda k, batch: sinks[k](batch))
+        for k in members:
+            caches[k].generate(requests, settings)  # every answer is in the partial file: this only finishes it
 
 
 def completion_row(c: Completion) -> dict:

@@ -29,9 +29,12 @@ from .evaluate import (
     EvalPlan,
     Measured,
     build_judge,
+    cache_root,
     generate_and_score,
+    generation_jobs,
     jsonable,
     judge_all,
+    release,
     unique_names,
     write_outputs,
 )
@@ -140,7 +143,8 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
 
 def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
     """Everything about the evaluation that changes a trial's results."""
-    settings = cfg.eval_config().model_dump(mode="json", exclude={"model", "out", "cache_dir", "force", "safety", "tasks"})
+    settings = cfg.eval_config().model_dump(mode="json", exclude={"model", "out", "cache_dir", "force", "safety", "tasks",
+                                                                         "gpu_memory_utilization", "judge_gpu_memory_utilization"})
     return {
         "settings": settings,
         "safety": {name: pset.sha256 for name, pset in plan.safety.items()},
@@ -165,30 +169,67 @@ def trial_key(trial: Trial, fingerprints: dict[str, str], identity: dict) -> str
 # --- running trials ------------------------------------------------------------------------
 
 
+class LiveTrialModels:
+    """The transformers path: the aligned model in memory, each trial's weights set in place by the
+    merge stream that `safemerge merge` runs (bit for bit its output, same content fingerprint)."""
+
+    def __init__(self, cfg: SweepConfig, device: str):
+        from .models import load_model
+
+        self.cfg = cfg
+        self.live = load_model(cfg.aligned, device=device, dtype=cfg.dtype, chat_template=cfg.chat_template,
+                               allow_pickle=cfg.allow_pickle)
+        self.merger = LiveMerger(self.live.model)
+
+    def order(self, trials: list[Trial]) -> list[Trial]:
+        return trials
+
+    def prefetch(self, trials, jobs, cache_dir) -> None:
+        """Nothing to share: one model is in memory at a time."""
+
+    def backend(self, trial: Trial) -> tuple[TransformersBackend, str]:
+        fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
+        return TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
+                                   batch_size=self.cfg.batch_size), fingerprint
+
+    def close(self) -> None:
+        self.live = self.merger = None
+
+
 class TrialRunner:
-    """What one process needs to run trials, loaded once: the aligned model (whose weights each
-    trial overwrites in place), the evaluation plan and the judge."""
+    """What one process needs to run trials, loaded once: the trial models' source (the aligned
+    model in memory, or vLLM engines), the evaluation plan and the judge."""
 
     def __init__(self, cfg: SweepConfig, status: Callable[[str], None] = lambda text: None):
-        from .models import load_model, pick_device
+        from .models import pick_device
 
         self.cfg = cfg
         self.eval_cfg = cfg.eval_config()
         self.device = pick_device(cfg.device)
         self.plan = sweep_plan(cfg, self.device)
-        self.live = load_model(cfg.aligned, device=self.device, dtype=cfg.dtype, chat_template=cfg.chat_template,
-                               allow_pickle=cfg.allow_pickle)
-        self.merger = LiveMerger(self.live.model)
+        if cfg.backend == "vllm":
+            from .vllm_sweep import VllmTrialModels
+
+            self.models = VllmTrialModels(cfg)
+        else:
+            self.models = LiveTrialModels(cfg, self.device)
         self.judge = None
         self.status = status
+
+    def prepare(self, items: list[tuple[Trial, str]]) -> list[tuple[Trial, str]]:
+        """The order to run these trials in; the generations they can share are made now."""
+        order = {trial: k for k, trial in enumerate(self.models.order([t for t, _ in items]))}
+        items = sorted(items, key=lambda item: order[item[0]])
+        self.status(f"generating for {len(items)} trials")
+        self.models.prefetch([t for t, _ in items], generation_jobs(self.plan, self.eval_cfg),
+                             cache_root(self.eval_cfg) / "generations")
+        return items
 
     def run(self, trial: Trial) -> tuple[dict, Measured]:
         started = time.perf_counter()
         self.status(f"{trial.label}: merging")
-        fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
+        backend, fingerprint = self.models.backend(trial)
         merged = time.perf_counter()
-        backend = TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
-                                      batch_size=self.cfg.batch_size)
         self.status(f"{trial.label}: generating")
         measured = generate_and_score(backend, self.plan, self.eval_cfg, lambda description, total: lambda n: None)
         generated = time.perf_counter()
@@ -201,10 +242,19 @@ class TrialRunner:
                    "score": sum(v for k, v in measured.seconds.items() if k.startswith("score/")),
                    "total": time.perf_counter() - started}
         seconds["generate"] -= seconds["score"]  # scoring happens inside generate_and_score
-        return trial_record(trial, fingerprint, measured, seconds), measured
+        generated_by = f"{backend.name} {backend.precision}"
+        return trial_record(trial, fingerprint, generated_by, measured, seconds), measured
+
+    def close(self) -> None:
+        """Free the models (engines are shut down), and the judge's."""
+        self.models.close()
+        judge_backend = getattr(self.judge, "backend", None)
+        if judge_backend is not None:
+            release(getattr(judge_backend, "backend", judge_backend))  # inside its cache
+        self.judge = None
 
 
-def trial_record(trial: Trial, fingerprint: str, measured: Measured, seconds: dict) -> dict:
+def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Measured, seconds: dict) -> dict:
     safety: dict[str, dict] = {}
     for name, record in measured.safety.items():
         base, part = name.rsplit("/", 1)
@@ -215,7 +265,7 @@ def trial_record(trial: Trial, fingerprint: str, measured: Measured, seconds: di
         role, task = name.split("/", 1)
         tasks[role][task] = {"primary": record["primary"], "metrics": record["metrics"], "n": record["n"]}
     record = {"kind": trial.kind, "method": trial.method, "lam": trial.lam, "density": trial.density, "seed": trial.seed,
-              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint,
+              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint, "generated_by": generated_by,
               "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
               "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     return jsonable(record)
@@ -264,22 +314,28 @@ class LocalExecutor:
         self.runner: TrialRunner | None = None
 
     def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None] = lambda r: None) -> list[dict]:
-        records = []
+        items = list(items)
+        records: dict[str, dict] = {}
         for trial, key in items:
             record = self.store.get(key)
-            if record is None:
-                self.runner = self.runner or TrialRunner(self.cfg, self.status)
+            if record is not None and key not in records:
+                records[key] = record
+                self.log(f"reused {key} {trial.label}")
+                on_done(record)
+        pending = list({key: (trial, key) for trial, key in items if key not in records}.values())
+        if pending:
+            self.runner = self.runner or TrialRunner(self.cfg, self.status)
+            for trial, key in self.runner.prepare(pending):
                 record, measured = self.runner.run(trial)
-                record = {"key": key, **record}
+                records[key] = record = {"key": key, **record}
                 self.store.put(key, record, measured)
                 self.log(f"evaluated {key} {trial.label} in {record['seconds']['total']:.1f}s")
-            else:
-                self.log(f"reused {key} {trial.label}")
-            records.append(record)
-            on_done(record)
-        return records
+                on_done(record)
+        return [records[key] for _, key in items]
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.runner = None
 
 
@@ -297,6 +353,10 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
     from .models import pick_device
 
     check_run_directory(cfg.out)
+    if cfg.backend == "vllm":
+        from .vllm_backend import require_vllm
+
+        require_vllm()  # one line now, not after the inputs are fingerprinted
     device = pick_device(cfg.device)
     plan = sweep_plan(cfg, device)  # every input file checked before anything runs
     fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()}

@@ -29,6 +29,7 @@ from .scaled_lora import adapter_fingerprint, adapter_rank, check_lambda, descri
 
 MISSING_VLLM = "the vLLM backend needs vllm: pip install 'safemerge[vllm]' on a machine with a GPU"
 CHUNK = 1024  # requests per engine call: vLLM batches inside a call; on_batch (the cache) sees each chunk
+LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 def require_vllm():
@@ -59,6 +60,15 @@ def sampling_kwargs(settings: GenerationSettings, stop_ids: Sequence[int]) -> di
         "stop_token_ids": sorted(stop_ids),
         "detokenize": False,  # decoded here with the HF tokenizer, as the transformers backend does
     }
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds a LoRA of this rank."""
+    for slot in LORA_RANK_SLOTS:
+        if rank <= slot:
+            return slot
+    raise ConfigError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({LORA_RANK_SLOTS[-1]}); "
+                      "use the transformers backend or `safemerge merge` the adapter first")
 
 
 def stop_token_ids(model_path: str | Path, tokenizer) -> set[int]:
@@ -169,6 +179,20 @@ class VllmBackend:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back, so another engine can start in this
+        process (vLLM's own test clean-up: engine core shutdown, then its distributed clean-up)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
     # --- λ as a LoRA request ----------------------------------------------------------------
 
     def lora_request(self, adapter_dir: str | Path, lam: float, scratch: Path):
@@ -218,3 +242,6 @@ class LambdaView:
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  on_batch: Callable[[list[Completion]], None] | None = None) -> list[Completion]:
         return self.engine.generate(requests, settings, on_batch, lora=self.lora)
+
+    def close(self) -> None:
+        self.engine.close()
