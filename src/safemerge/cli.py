@@ -221,6 +221,11 @@ def print_dry_run(values: dict, tokens_per_second: float, debug: bool) -> None:
     typer.echo(f"generations: {plan['generations']:,}; judge {plan['judge']}: {plan['judge_calls']:,} model calls")
     typer.echo(f"generated tokens: at most {plan['max_generated_tokens']:,}; at an assumed {tokens_per_second:,.0f} "
                f"tokens/s per GPU that is at most {plan['gpu_hours_upper_bound']:.1f} GPU hours")
+    if plan["vllm"]:
+        v = plan["vllm"]
+        typer.echo(f"vllm: {v['lora_trials']} trials served by one engine on the aligned model ({v['lora_adapters']} "
+                   f"LoRA fine-tune(s), λ as scaled adapters, shared batches); {v['merged_trials']} merges written to "
+                   f"scratch with an engine each; {v['engine_starts']} engine starts")
 
 
 @app.command("run")

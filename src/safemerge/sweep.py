@@ -184,8 +184,9 @@ class LiveTrialModels:
     def order(self, trials: list[Trial]) -> list[Trial]:
         return trials
 
-    def prefetch(self, trials, jobs, cache_dir) -> None:
+    def prefetch(self, trials, jobs, cache_dir) -> int:
         """Nothing to share: one model is in memory at a time."""
+        return 0
 
     def backend(self, trial: Trial) -> tuple[TransformersBackend, str]:
         fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
@@ -216,13 +217,16 @@ class TrialRunner:
         self.judge = None
         self.status = status
 
-    def prepare(self, items: list[tuple[Trial, str]]) -> list[tuple[Trial, str]]:
+    def prepare(self, items: list[tuple[Trial, str]], log: Callable[[str], None]) -> list[tuple[Trial, str]]:
         """The order to run these trials in; the generations they can share are made now."""
         order = {trial: k for k, trial in enumerate(self.models.order([t for t, _ in items]))}
         items = sorted(items, key=lambda item: order[item[0]])
         self.status(f"generating for {len(items)} trials")
-        self.models.prefetch([t for t, _ in items], generation_jobs(self.plan, self.eval_cfg),
-                             cache_root(self.eval_cfg) / "generations")
+        started = time.perf_counter()
+        shared = self.models.prefetch([t for t, _ in items], generation_jobs(self.plan, self.eval_cfg),
+                                      cache_root(self.eval_cfg) / "generations")
+        if shared:
+            log(f"generated for {shared} trials in shared engine calls in {time.perf_counter() - started:.1f}s")
         return items
 
     def run(self, trial: Trial) -> tuple[dict, Measured]:
@@ -325,7 +329,7 @@ class LocalExecutor:
         pending = list({key: (trial, key) for trial, key in items if key not in records}.values())
         if pending:
             self.runner = self.runner or TrialRunner(self.cfg, self.status)
-            for trial, key in self.runner.prepare(pending):
+            for trial, key in self.runner.prepare(pending, self.log):
                 record, measured = self.runner.run(trial)
                 records[key] = record = {"key": key, **record}
                 self.store.put(key, record, measured)
@@ -540,12 +544,17 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
     judge_model = not plan.judge_spec.startswith(("keyword", "compliance"))
     judge_calls = trials * safety if judge_model else 0
     generated = trials * per_trial * cfg.max_new_tokens + judge_calls * 128
+    engines = None
+    if cfg.backend == "vllm":
+        from .vllm_sweep import engine_plan
+
+        engines = engine_plan(cfg, planned_trials(cfg))
     return {
         "trials": trials, "search": cfg.search, "methods": cfg.method_list, "lambdas": cfg.lambdas,
         "seeds": len(cfg.finetuned), "safety_prompts_per_trial": safety, "task_generations_per_trial": tasks,
         "generations": trials * per_trial, "judge": plan.judge_spec, "judge_calls": judge_calls,
         "max_generated_tokens": generated, "assumed_tokens_per_second": tokens_per_second,
-        "gpu_hours_upper_bound": generated / tokens_per_second / 3600,
+        "gpu_hours_upper_bound": generated / tokens_per_second / 3600, "vllm": engines,
     }
 
 
@@ -553,11 +562,17 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
 
 
 def estimated_trials(cfg: SweepConfig) -> int:
-    base = 1 + len(cfg.finetuned)
+    return len(planned_trials(cfg))
+
+
+def planned_trials(cfg: SweepConfig) -> list[Trial]:
+    """The trials a sweep runs; for bisection an estimate (each search's evaluations at a stand-in λ)."""
     if cfg.search == "grid":
-        return base + len(grid_trials(cfg))
+        return baselines(cfg) + grid_trials(cfg)
     steps = 1 + math.ceil(math.log2(1 / cfg.tolerance))
-    return base + sum(steps if has_lambda else 1 for _, _, has_lambda in bisect_groups(cfg))
+    searches = [[merge_trial(cfg, method, 0.5 if has_lambda else None, seed)] * (steps if has_lambda else 1)
+                for method, seed, has_lambda in bisect_groups(cfg)]
+    return baselines(cfg) + [t for search in searches for t in search]
 
 
 class Bar:

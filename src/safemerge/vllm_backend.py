@@ -135,9 +135,11 @@ class VllmBackend:
     def precision(self) -> str:
         """Device, dtype vLLM resolved ("auto" gives float16 for float32 checkpoints) and tensor-parallel
         degree: each changes the numerics, so each is part of the cache key."""
+        from vllm.platforms import current_platform
+
         config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
         dtype = str(getattr(config, "dtype", "auto")).removeprefix("torch.")
-        return f"cuda/{dtype}/tp{self.tensor_parallel_size}"
+        return f"{current_platform.device_type}/{dtype}/tp{self.tensor_parallel_size}"
 
     def render(self, request: Request) -> str:
         return self.renderer.render(request)

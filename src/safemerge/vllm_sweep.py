@@ -43,6 +43,24 @@ def servable_adapter(spec: str, allow_pickle: bool = False) -> tuple[Path, int] 
     return (source.path, rank) if plain and rank <= LORA_RANK_SLOTS[-1] else None
 
 
+def served_by_lora(trial, adapters) -> bool:
+    """Whether the trial is served by the aligned engine (no LoRA, or one λ-scaled LoRA);
+    ``adapters``: the fine-tunes that are servable LoRA adapters."""
+    if trial.kind == "aligned":
+        return True
+    return (len(trial.finetuned) == 1 and trial.finetuned[0] in adapters
+            and (trial.kind == "finetuned" or trial.method in LORA_METHODS))
+
+
+def engine_plan(cfg: SweepConfig, trials: list) -> dict:
+    """How a vLLM sweep serves these trials (from the adapters' headers, no model is loaded)."""
+    adapters = {f for f in cfg.finetuned if servable_adapter(f, cfg.allow_pickle) is not None}
+    lora = sum(served_by_lora(t, adapters) for t in trials)
+    merged = len(trials) - lora
+    return {"lora_adapters": len(adapters), "lora_trials": lora, "merged_trials": merged,
+            "engine_starts": (1 if lora else 0) + merged}
+
+
 class VllmTrialModels:
     """Gives each trial a backend that generates as the trial's model (see the module docstring).
     Scratch files live under RUN/scratch/<host>-<pid>/ and are removed on close."""
@@ -58,11 +76,7 @@ class VllmTrialModels:
         self.engine_holds: str | None = None  # "aligned", or the scratch path of a merged model
 
     def by_lora(self, trial) -> bool:
-        """Whether the trial is served by the aligned engine (no LoRA, or one λ-scaled LoRA)."""
-        if trial.kind == "aligned":
-            return True
-        return (len(trial.finetuned) == 1 and trial.finetuned[0] in self.adapters
-                and (trial.kind == "finetuned" or trial.method in LORA_METHODS))
+        return served_by_lora(trial, self.adapters)
 
     def order(self, trials: list) -> list:
         """The aligned engine's trials first, so that it starts once."""
@@ -79,12 +93,12 @@ class VllmTrialModels:
         model_id = f"{self.aligned_fingerprint}+{lam:g}*lora:{self.fingerprints[adapter]}"
         return engine.for_lambda(self.adapters[adapter][0], lam, model_id=model_id, scratch=self.scratch / "lora"), model_id
 
-    def prefetch(self, trials: list, jobs: dict[str, tuple[list[Request], GenerationSettings]], cache_dir: Path) -> None:
+    def prefetch(self, trials: list, jobs: dict[str, tuple[list[Request], GenerationSettings]], cache_dir: Path) -> int:
         """Generate every job of the aligned engine's trials in shared engine calls, into the
-        generation cache where each trial then finds its responses."""
+        generation cache where each trial then finds its responses; how many trials shared them."""
         shared = [t for t in trials if self.by_lora(t)]
         if len(shared) < 2:
-            return
+            return 0
         views = [self.backend(t)[0] for t in shared]
         caches = [CachedBackend(v, cache_dir) for v in views]
         loras = [getattr(v, "lora", None) for v in views]  # the aligned engine itself: no LoRA
@@ -96,6 +110,7 @@ class VllmTrialModels:
 
         for requests, settings in jobs.values():
             generate_shared(caches, requests, settings, grid)
+        return len(shared)
 
     def aligned_engine(self) -> VllmBackend:
         if self.engine_holds != "aligned":

@@ -1,0 +1,152 @@
+"""`safemerge sweep --backend vllm`, run on CPU against tests/vllm_standin: a stand-in for the part of
+vLLM's offline API safemerge calls, built on transformers + peft (LoRA requests applied unmerged,
+as vLLM applies them; a GPU-memory ledger like vLLM's start-up check). It is NOT vLLM: these tests
+check safemerge's side (which engine holds which weights, λ-scaled LoRA requests, shared batches,
+engines shut down, the same results as the transformers sweep); the engine itself is tested in
+tests/test_vllm.py where vLLM and a GPU are present."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, lora_adapter, save_model
+
+STANDIN = Path(__file__).parent / "vllm_standin"
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tmp_path_factory, sweep_inputs):
+    """A float32 aligned Llama and two real PEFT LoRA fine-tunes (seeds), with the sweep tests' sets."""
+    root = tmp_path_factory.mktemp("vllm-sweep-inputs")
+    base = build_model("llama", seed=11)
+    aligned = save_model(base, root / "aligned", torch.float32)
+    seeds = [lora_adapter(base, root / f"lora{s}", seed=s, r=4, lora_alpha=16) for s in range(2)]
+    for adapter in seeds:  # a real adapter names its base
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(aligned)}))
+    return {**sweep_inputs, "aligned": aligned, "seeds": seeds}
+
+
+def sweep(inputs, cwd: Path, backend: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    log = cwd / f"engines-{backend}-{len(list(cwd.glob('engines-*')))}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(cwd / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")]), "VLLM_STANDIN_LOG": str(log)}
+    args = ["sweep", "--aligned", str(inputs["aligned"]), "--finetuned", *map(str, inputs["seeds"]),
+            "--out", str(cwd / f"run-{backend}"), "--backend", backend, "--device", "cpu", "--dtype", "float32",
+            "--methods", "linear,slerp", "--lambdas", "0.3,0.7", "--policy", "paper",
+            "--safety", f"file:{inputs['harmful']}", "--judge", f"keyword:{inputs['keywords']}",
+            "--task-val", f"gsm8k:{inputs['root'] / 'val.jsonl'}", "--task-test", f"gsm8k:{inputs['root'] / 'test.jsonl'}",
+            "--max-new-tokens", "8", "--quiet", *extra]
+    r = subprocess.run([sys.executable, "-m", "safemerge", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=600)
+    return r, json.loads(log.read_text()) if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def runs(lora_inputs, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("vllm-sweep")
+    vllm, engines = sweep(lora_inputs, cwd, "vllm")
+    assert vllm.returncode == 0, vllm.stderr
+    local, _ = sweep(lora_inputs, cwd, "transformers")
+    assert local.returncode == 0, local.stderr
+    return cwd, engines
+
+
+def results(cwd: Path, backend: str) -> dict:
+    return json.loads((cwd / f"run-{backend}" / "results.json").read_text())
+
+
+def measured(safety: dict) -> dict:
+    """A trial's safety record without its cache hits (the vLLM sweep generated ahead, in shared batches)."""
+    return {name: {part: {k: v for k, v in record.items() if k != "cache_hits"} for part, record in parts.items()}
+            for name, parts in safety.items()}
+
+
+def test_one_engine_serves_every_lambda_of_the_lora_fine_tunes_in_shared_batches(runs):
+    cwd, engines = runs
+    aligned, *merged = engines
+    assert aligned["enable_lora"] and Path(aligned["model"]).name == "aligned"
+    # aligned, both seeds at λ 1, and linear at λ 0.3 and 0.7 for both seeds: one engine, shared calls
+    loras = {lora for call in aligned["calls"] for lora in call["loras"]}
+    assert len(loras) == 1 + 2 * 3 and 0 in loras
+    assert max(len(call["loras"]) for call in aligned["calls"]) == 7
+    # slerp is not aligned + λ·update: each of its 4 trials is a merge written to scratch, an engine each
+    assert len(merged) == 4 and not any(e["enable_lora"] for e in merged)
+    assert all(e["closed"] for e in engines)  # shut down, one after the other (the ledger refuses two at 0.55)
+    assert not list((cwd / "run-vllm" / "scratch").glob("*/*")), "scratch files are removed"
+
+
+def test_vllm_sweep_measures_what_the_transformers_sweep_measures(runs):
+    cwd, _ = runs
+    ours = {t["label"]: t for t in results(cwd, "vllm")["trials"]}
+    theirs = {t["label"]: t for t in results(cwd, "transformers")["trials"]}
+    assert ours.keys() == theirs.keys() and len(ours) == 3 + 8
+    for label, trial in ours.items():
+        assert trial["key"] != theirs[label]["key"]  # the backend is part of a trial's identity
+        assert measured(trial["safety"]) == measured(theirs[label]["safety"]), label
+        assert trial["tasks"] == theirs[label]["tasks"], label
+        lora = label == "aligned" or not label.startswith("slerp")
+        assert trial["generated_by"].startswith("vllm") and trial["generated_by"].endswith("/lora") == (
+            lora and label != "aligned")
+        if not lora:  # a merge written to scratch: the same content fingerprint as the in-place one
+            assert trial["fingerprint"] == theirs[label]["fingerprint"]
+    for trial in results(cwd, "vllm")["trials"]:
+        other = theirs[trial["label"]]
+        for path in (cwd / "run-vllm" / "trials" / trial["key"] / "responses").iterdir():
+            mine = [json.loads(line) for line in path.read_text().splitlines()]
+            same = [json.loads(line) for line in (cwd / "run-transformers" / "trials" / other["key"] / "responses" /
+                                                 path.name).read_text().splitlines()]
+            assert [r["response"] for r in mine] == [r["response"] for r in same], (trial["label"], path.name)
+    assert results(cwd, "vllm")["choice"]["chosen"]["label"] == results(cwd, "transformers")["choice"]["chosen"]["label"]
+
+
+def test_a_finished_vllm_sweep_starts_no_engine_again(runs, lora_inputs):
+    cwd, _ = runs
+    r, engines = sweep(lora_inputs, cwd, "vllm")
+    assert r.returncode == 0, r.stderr
+    assert engines == []
+    assert (cwd / "run-vllm" / "sweep.log").read_text().count("reused") >= 11
+
+
+def test_dry_run_tells_how_the_engines_will_serve_the_trials(runs, lora_inputs):
+    cwd, engines = runs
+    r = subprocess.run([sys.executable, "-m", "safemerge", "sweep", "--aligned", str(lora_inputs["aligned"]),
+                        "--finetuned", *map(str, lora_inputs["seeds"]), "--out", str(cwd / "dry"), "--backend", "vllm",
+                        "--methods", "linear,slerp", "--lambdas", "0.3,0.7", "--safety", f"file:{lora_inputs['harmful']}",
+                        "--task-val", f"gsm8k:{lora_inputs['root'] / 'val.jsonl'}", "--dry-run"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("vllm:"))
+    lora_trials = 1 + 2 + 2 * 2  # aligned, λ = 1 per seed, linear λ 0.3 / 0.7 per seed
+    assert line.startswith(f"vllm: {lora_trials} trials served by one engine on the aligned model (2 LoRA fine-tune(s)")
+    assert f"4 merges written to scratch with an engine each; {len(engines)} engine starts" in line
+    assert not (cwd / "dry").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpu-memory-utilization", "0.7", "--judge-gpu-memory-utilization", "0.4"], "must be at most 1"),
+    (["--executor", "ray", "--tensor-parallel-size", "2", "--gpus-per-trial", "1"], "give --gpus-per-trial 2"),
+])
+def test_engine_settings_that_cannot_fit_are_one_line(lora_inputs, tmp_path, extra, message):
+    r, _ = sweep(lora_inputs, tmp_path, "vllm", *extra)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run-vllm").exists()
+
+
+def test_without_vllm_the_sweep_says_how_to_get_it_before_reading_any_model(lora_inputs, tmp_path):
+    from safemerge.vllm_backend import MISSING_VLLM
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    r = subprocess.run([sys.executable, "-m", "safemerge", "sweep", "--aligned", str(lora_inputs["aligned"]),
+                        "--finetuned", str(lora_inputs["seeds"][0]), "--out", str(tmp_path / "run"), "--backend", "vllm",
+                        "--safety", f"file:{lora_inputs['harmful']}", "--task-val", f"gsm8k:{lora_inputs['root'] / 'val.jsonl'}"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {MISSING_VLLM}"
