@@ -150,3 +150,42 @@ def test_without_vllm_the_sweep_says_how_to_get_it_before_reading_any_model(lora
                         "--safety", f"file:{lora_inputs['harmful']}", "--task-val", f"gsm8k:{lora_inputs['root'] / 'val.jsonl'}"],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and r.stderr.strip() == f"error: {MISSING_VLLM}"
+
+
+RAY_SWEEP = """
+import json, sys
+import ray
+from safemerge.config import SweepConfig
+from safemerge.sweep import sweep
+
+# a local instance that declares one GPU per worker (logical: the stand-in runs on the CPU); the
+# workers inherit this process's environment, the stand-in on PYTHONPATH included
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+cfg = SweepConfig(**json.loads(sys.argv[1]))
+sweep(cfg, progress=False)
+ray.shutdown()
+"""
+
+
+def test_ray_workers_serve_vllm_trials_as_the_local_executor_does(runs, lora_inputs, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'safemerge[ray]')")
+    cwd, _ = runs
+    local = json.loads((cwd / "run-vllm" / "sweep.json").read_text())
+    cfg = {**local, "out": str(tmp_path / "run"), "executor": "ray", "gpus_per_trial": 1, "cpus_per_trial": 1,
+           "num_workers": 2, "cache_dir": None}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", RAY_SWEEP, json.dumps(cfg)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = {t["label"]: t for t in results(cwd, "vllm")["trials"]}
+    ours = json.loads((tmp_path / "run" / "results.json").read_text())["trials"]
+    assert len(ours) == len(theirs) == 11
+    for trial in ours:
+        other = theirs[trial["label"]]
+        assert trial["key"] == other["key"]  # where a trial runs is not part of its identity
+        assert trial["generated_by"] == other["generated_by"] and trial["fingerprint"] == other["fingerprint"]
+        assert measured(trial["safety"]) == measured(other["safety"]) and trial["tasks"] == other["tasks"]
+    log = (tmp_path / "run" / "sweep.log").read_text().splitlines()
+    order = [line.split(" ", 3)[3].rsplit(" in ", 1)[0] for line in log if " evaluated " in line]
+    assert not any(label.startswith("slerp") for label in order[:2])  # the LoRA-served trials are handed out first

@@ -182,8 +182,19 @@ class RayExecutor:
             else:
                 positions.setdefault(key, []).append(i)
         if positions:
-            self.evaluate([(items[at[0]][0], key) for key, at in positions.items()], positions, items, records, on_done)
+            todo = [(items[at[0]][0], key) for key, at in positions.items()]
+            self.evaluate(self.order(todo), positions, items, records, on_done)
         return records  # type: ignore[return-value]
+
+    def order(self, todo: list[tuple[Trial, str]]) -> list[tuple[Trial, str]]:
+        """vLLM: the trials an aligned-model engine serves (λ as LoRA requests) first, so that a
+        worker does not go back and forth between that engine and engines on written merges."""
+        if self.cfg.backend != "vllm":
+            return todo
+        from .vllm_sweep import servable_adapter, served_by_lora
+
+        adapters = {f for f in self.cfg.finetuned if servable_adapter(f, self.cfg.allow_pickle) is not None}
+        return sorted(todo, key=lambda item: not served_by_lora(item[0], adapters))
 
     def evaluate(self, todo: list[tuple[Trial, str]], positions: dict[str, list[int]], items, records, on_done) -> None:
         """Keep every worker busy with one trial; store each result as it arrives."""

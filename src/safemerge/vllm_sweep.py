@@ -79,7 +79,7 @@ class VllmTrialModels:
         return served_by_lora(trial, self.adapters)
 
     def order(self, trials: list) -> list:
-        """The aligned engine's trials first, so that it starts once."""
+        """The aligned engine's trials first, so that it starts once (a stable sort: otherwise as given)."""
         return sorted(trials, key=lambda t: not self.by_lora(t))
 
     def backend(self, trial) -> tuple[Backend, str]:
