@@ -34,14 +34,15 @@ def lora_inputs(tmp_path_factory, sweep_inputs):
     return {**sweep_inputs, "aligned": aligned, "seeds": seeds}
 
 
-def sweep(inputs, cwd: Path, backend: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def sweep(inputs, cwd: Path, backend: str, *extra: str, judge: str | None = None, methods: str = "linear,slerp",
+          lambdas: str = "0.3,0.7") -> tuple[subprocess.CompletedProcess, list[dict]]:
     log = cwd / f"engines-{backend}-{len(list(cwd.glob('engines-*')))}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(cwd / "cache"),
            "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")]), "VLLM_STANDIN_LOG": str(log)}
     args = ["sweep", "--aligned", str(inputs["aligned"]), "--finetuned", *map(str, inputs["seeds"]),
             "--out", str(cwd / f"run-{backend}"), "--backend", backend, "--device", "cpu", "--dtype", "float32",
-            "--methods", "linear,slerp", "--lambdas", "0.3,0.7", "--policy", "paper",
-            "--safety", f"file:{inputs['harmful']}", "--judge", f"keyword:{inputs['keywords']}",
+            "--methods", methods, "--lambdas", lambdas, "--policy", "paper",
+            "--safety", f"file:{inputs['harmful']}", "--judge", judge or f"keyword:{inputs['keywords']}",
             "--task-val", f"gsm8k:{inputs['root'] / 'val.jsonl'}", "--task-test", f"gsm8k:{inputs['root'] / 'test.jsonl'}",
             "--max-new-tokens", "8", "--quiet", *extra]
     r = subprocess.run([sys.executable, "-m", "safemerge", *args], capture_output=True, text=True, env=env, cwd=cwd,
@@ -189,3 +190,32 @@ def test_ray_workers_serve_vllm_trials_as_the_local_executor_does(runs, lora_inp
     log = (tmp_path / "run" / "sweep.log").read_text().splitlines()
     order = [line.split(" ", 3)[3].rsplit(" in ", 1)[0] for line in log if " evaluated " in line]
     assert not any(label.startswith("slerp") for label in order[:2])  # the LoRA-served trials are handed out first
+
+
+def test_the_papers_setup_file_is_a_valid_vllm_sweep():
+    import yaml
+
+    from safemerge.config import SweepConfig
+
+    path = Path(__file__).parents[1] / "examples" / "paper-llama3-8b.yaml"
+    cfg = SweepConfig(**yaml.safe_load(path.read_text()))
+    assert cfg.backend == "vllm" and cfg.judge == "wildguard" and len(cfg.finetuned) == 3
+    assert cfg.method_list == ["linear", "slerp", "dare_linear", "model_stock"] and cfg.lambdas == [0.2, 0.4, 0.6, 0.8]
+    assert cfg.gpu_memory_utilization + cfg.judge_gpu_memory_utilization <= 1
+
+
+def test_a_judge_model_gets_its_own_engine_beside_the_trial_models(lora_inputs, tmp_path):
+    """WildGuard's format, judged by a tiny random model standing in for WildGuard (every verdict is
+    a parse error, counted): its engine shares the GPU with the trial engine (0.55 + 0.35)."""
+    judge = save_model(build_model("llama", seed=5), tmp_path / "judge", torch.float32)
+    inputs = {**lora_inputs, "seeds": lora_inputs["seeds"][:1]}
+    r, engines = sweep(inputs, tmp_path, "vllm", judge=f"wildguard:{judge}", methods="linear", lambdas="0.5")
+    assert r.returncode == 0, r.stderr
+    trial_engines = [e for e in engines if Path(e["model"]).name == "aligned"]
+    judge_engines = [e for e in engines if Path(e["model"]).name == "judge"]
+    assert len(trial_engines) == 1 and len(judge_engines) == 1 and len(engines) == 2
+    assert judge_engines[0]["gpu_memory_utilization"] == 0.35 and not judge_engines[0]["enable_lora"]
+    assert sum(call["prompts"] for call in judge_engines[0]["calls"]) == 3 * 16  # 3 trials × 16 harmful prompts
+    assert all(e["closed"] for e in engines)
+    trials = json.loads((tmp_path / "run-vllm" / "results.json").read_text())["trials"]
+    assert all(t["safety"]["file:harmful.csv"]["report"]["parse_errors"] == 8 for t in trials)
