@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -362,3 +363,41 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tiny, tmp_path):
 def test_bad_options(tiny, tmp_path, option, message):
     with pytest.raises(ConfigError, match=message):
         finetune(str(tiny.base), tiny.data, tmp_path / "out", **{**FAST, **option})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_under_accelerate_launch(tiny, tmp_path):
+    """`accelerate launch` with the example config (two processes on the CPU here, gloo; the config's
+    4 GPUs and bf16 overridden on the command line): each process trains on its share of every
+    global batch, and only the main process writes OUT."""
+    import subprocess
+    import sys
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    config = Path(__file__).parents[1] / "examples" / "accelerate-4gpu.yaml"
+    out = tmp_path / "dp"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                        "-m", "safemerge", "finetune", str(tiny.base), "--data", str(tiny.data), "--out", str(out),
+                        "--max-steps", "10", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    wrote = [line for line in r.stdout.splitlines() if line.startswith("wrote")]
+    assert len(wrote) == 1 and "on 2 processes (global batch 8)" in wrote[0]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["result"]["processes"] == 2 and log["result"]["global_batch_size"] == 8
+    # 36 training examples in global batches of 8: 5 steps an epoch (one process with batch 4 takes 9)
+    assert next(e["epoch"] for e in log["log"] if e["step"] == 10) == pytest.approx(2.0)
+    assert log["result"]["val_loss_after"] < log["result"]["val_loss_before"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp"]  # no scratch or temporary directory left here
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base), out)
+    assert model.peft_config["default"].r == 8

@@ -345,10 +345,13 @@ def finetune(
     result = guarded(debug, run_finetune, model, data, out, val_fraction=val_fraction, seed=seed, lora_r=lora_r,
                      lora_alpha=lora_alpha, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                      max_length=max_length, full=full, device=device, force=force, progress=not quiet)
+    if not result.published:
+        return  # a data-parallel helper process: the main one reports
     val = (f"; validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
            if result.val_loss_before is not None and result.val_loss_after is not None else "")
+    processes = f" on {result.processes} processes (global batch {result.processes * batch_size})" if result.processes > 1 else ""
     typer.echo(f"wrote {result.out}: {result.steps} steps on {result.train_examples} examples "
-               f"in {result.seconds:.1f} s{val}")
+               f"in {result.seconds:.1f} s{processes}{val}")
 
 
 @app.command()

@@ -90,6 +90,8 @@ class FinetuneResult:
     val_loss_before: float | None  # None without a validation split
     val_loss_after: float | None
     seconds: float
+    processes: int = 1  # data-parallel processes (accelerate launch / torchrun); the global batch is processes × batch size
+    published: bool = True  # False in every process but the main one, which alone writes OUT
 
 
 # --- data --------------------------------------------------------------------------------
@@ -359,6 +361,8 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
     path, tokenizer = load_base(model)
     check_lengths(examples, tokenizer, max_length, data)
     train, val = split(examples, val_fraction, seed, data)
+    from accelerate import PartialState
+
     with quiet(not progress), output_directory(out, force) as tmp:
         trainer, targets = build_trainer(path, model, tokenizer, train, val, tmp, device, s)
         before = eval_loss(trainer) if val else None
@@ -368,8 +372,10 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
         write_rows(tmp / "train.jsonl", train)
         write_rows(tmp / "val.jsonl", val)
         history = training_history(trainer)
+        state = PartialState()
         result = FinetuneResult(out, len(train), len(val), trainer.state.global_step,
-                                history[-1]["loss"] if history else None, before, after, time.perf_counter() - started)
+                                history[-1]["loss"] if history else None, before, after, time.perf_counter() - started,
+                                processes=state.num_processes, published=state.is_main_process)
         used = replace(s, target_modules=targets, device=device)
         record = training_record(result, used, history, summary, model, data, trainer)
         write_file(tmp / LOG_FILE, json.dumps(record, indent=2, default=str) + "\n")
@@ -454,7 +460,8 @@ def training_record(result: FinetuneResult, s: Settings, history: list[dict], su
         "kind": "full" if s.full else "lora",
         "settings": asdict(s),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "result": {**asdict(result), "out": str(result.out), "mean_train_loss": summary.training_loss,
+        "result": {**asdict(result), "out": str(result.out), "global_batch_size": result.processes * s.batch_size,
+                   "mean_train_loss": summary.training_loss,
                    "seconds_per_step": summary.metrics.get("train_runtime", 0.0) / max(1, result.steps)},
         "log": history,
         "versions": versions(),
