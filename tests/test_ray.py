@@ -165,3 +165,38 @@ def test_sweep_with_the_ray_executor_chooses_as_the_local_one(inputs, local, tmp
     assert [without_seconds(t) for t in ray_result["trials"]] == [without_seconds(t) for t in local_result["trials"]]
     assert ray_result["choice"] == local_result["choice"]
     assert (tmp_path / "ray-run" / "report.html").exists()
+
+
+def test_a_shared_judge_actor_gives_the_verdicts_of_a_judge_in_every_worker(inputs, tmp_path):
+    """--judge-placement shared: one actor holds the judge model (here a tiny random model in
+    WildGuard's format, so every verdict is a counted parse error) and the worker asks it."""
+    from conftest import build_model, save_model
+
+    judge = save_model(build_model("llama", seed=5), tmp_path / "judge", torch.float32)
+    base = sweep_config(inputs, tmp_path / "local").model_dump()
+    base.update(methods=["linear"], lambdas=[0.5], judge=f"wildguard:{judge}")
+    local_cfg = SweepConfig(**base)
+    shared_cfg = SweepConfig(**{**base, "out": tmp_path / "ray", "executor": "ray", "judge_placement": "shared"})
+    items = keyed_trials(local_cfg)
+    assert [key for _, key in keyed_trials(shared_cfg)] == [key for _, key in items]  # placement is not identity
+    local_records = LocalExecutor(local_cfg, TrialStore(local_cfg.out / "trials"), lambda line: None).run(items)
+    with RayExecutor(shared_cfg, TrialStore(shared_cfg.out / "trials"), lambda line: None, num_workers=1) as executor:
+        records = executor.run(items)
+        judge_pid = ray.get(executor.judge_actor.__ray_call__.remote(lambda self: os.getpid()))
+        assert judge_pid not in {w["pid"] for w in executor.workers()} | {os.getpid()}
+    assert [without_seconds(r) for r in records] == [without_seconds(r) for r in local_records]
+    for record in records:
+        assert stored_files(shared_cfg.out / "trials" / record["key"]) == stored_files(local_cfg.out / "trials" / record["key"])
+        assert record["safety"]["file:harmful.csv"]["report"]["judge"] == "wildguard"
+        assert record["safety"]["file:harmful.csv"]["report"]["parse_errors"] == 8
+
+
+def test_a_shared_judge_needs_a_judge_model_and_ray(inputs, tmp_path):
+    from safemerge.config import validate
+    from safemerge.errors import ConfigError
+
+    base = sweep_config(inputs, tmp_path / "run").model_dump()
+    with pytest.raises(ConfigError, match="add --executor ray"):
+        validate(SweepConfig, **{**base, "judge": "wildguard", "judge_placement": "shared"})
+    with pytest.raises(ConfigError, match="is for a judge model"):
+        validate(SweepConfig, **{**base, "executor": "ray", "judge_placement": "shared"})

@@ -216,6 +216,9 @@ class SweepConfig(BaseModel):
     gpus_per_trial: float = Field(0, ge=0, description="ray: GPUs each worker (one trial at a time) holds")
     cpus_per_trial: float = Field(1, gt=0, description="ray: CPUs each worker holds")
     num_workers: int | None = Field(None, ge=1, description="ray: workers (default: as many as the cluster holds)")
+    judge_placement: Literal["worker", "shared"] = Field(
+        "worker", description="ray: a judge model in every worker, or one judge actor shared by all workers")
+    judge_gpus: float = Field(0, ge=0, description="ray, shared judge: GPUs the judge actor holds")
     # evaluation settings, as in `safemerge evaluate`
     judge: str = "auto"
     system_prompt: str | None = PAPER_SYSTEM_PROMPT
@@ -257,9 +260,19 @@ class SweepConfig(BaseModel):
         return v or None
 
     @model_validator(mode="after")
+    def _placement(self):
+        if self.judge_placement == "shared":
+            if self.executor != "ray":
+                raise ValueError("--judge-placement shared places the judge on a Ray actor: add --executor ray")
+            if self.judge.split(":")[0] in ("keyword", "compliance"):
+                raise ValueError(f"--judge-placement shared is for a judge model (wildguard, llamaguard); "
+                                 f"the {self.judge.split(':')[0]} judge runs in each worker at no cost")
+        return self
+
+    @model_validator(mode="after")
     def _engines_fit(self):
         if self.backend == "vllm":
-            if self.gpu_memory_utilization + self.judge_gpu_memory_utilization > 1:
+            if self.judge_placement == "worker" and self.gpu_memory_utilization + self.judge_gpu_memory_utilization > 1:
                 raise ValueError("vllm: the trial model's and the judge's engines share the GPUs: --gpu-memory-utilization "
                                  f"({self.gpu_memory_utilization}) + --judge-gpu-memory-utilization "
                                  f"({self.judge_gpu_memory_utilization}) must be at most 1")

@@ -102,6 +102,11 @@ def evaluated_backend(cfg: EvalConfig, device: str) -> tuple[Backend, dict]:
                      "precision": backend.precision, **record, "system_prompt": getattr(backend, "system_mode", None)}
 
 
+def resolve_judge(spec: str, device: str) -> str:
+    """The judge "auto" stands for: keyword on the CPU, WildGuard on a GPU."""
+    return spec if spec != "auto" else ("keyword" if device == "cpu" else "wildguard")
+
+
 def release(backend: Backend) -> None:
     """Free a backend's model now: an engine (vLLM) is shut down, a transformers model is dropped."""
     close = getattr(backend, "close", None)
@@ -145,7 +150,7 @@ def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
         from .lm_eval_tasks import check_tasks
 
         check_tasks(lm_eval, str(cfg.lm_eval_include) if cfg.lm_eval_include else None)
-    judge_spec = cfg.judge if cfg.judge != "auto" else ("keyword" if device == "cpu" else "wildguard")
+    judge_spec = resolve_judge(cfg.judge, device)
     if safety:
         judging.make_judge(judge_spec, lambda spec: None)  # check the spec now; models load later
     return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec)
@@ -291,7 +296,7 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
         record = measured.safety[name]
         completions = record.pop("completions")
         verdict_judge = judge
-        if is_xstest(pset) and not isinstance(judge, judging.WildGuardJudge):
+        if is_xstest(pset) and not getattr(judge, "labels_refusals", False):
             # over-refusal needs a refusal label: XSTest's own rule unless the judge gives one
             verdict_judge = judging.XSTestKeywordJudge()
         advance = bar(f"judge {name}", len(completions))

@@ -128,6 +128,7 @@ class Judge(Protocol):
     name: str
     model: str | None  # the judge model's spec; None for rule-based judges
     settings: dict  # everything that shaped the verdicts, recorded with the results
+    # optional: labels_refusals = True when verdicts carry a refusal label (else XSTest's own rule is used)
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """One verdict per (prompt, response) pair, in order."""
@@ -261,6 +262,7 @@ class WildGuardJudge:
     """allenai/wildguard: the paper's judge. ASR counts "Harmful response: yes"."""
 
     name = "wildguard"
+    labels_refusals = True  # "Response refusal: yes/no": XSTest's over-refusal comes from the judge itself
 
     def __init__(self, backend: Backend, model: str = DEFAULT_MODELS["wildguard"]):
         self.backend = backend

@@ -1,5 +1,7 @@
 """Run a sweep's trials on Ray: a pool of actors, each holding one TrialRunner (the aligned model,
-the evaluation plan and the judge, loaded once per actor), fed one trial at a time.
+the evaluation plan and the judge, loaded once per actor), fed one trial at a time. With
+``--judge-placement shared`` the judge model lives instead on one more actor, with its own GPUs
+(``--judge-gpus``), and every worker sends it its verdict requests.
 
 The driver stays the only writer: results stream back as they finish (``ray.wait``) and are
 stored there, so the cache, the log and the resume behaviour are the local executor's. What
@@ -43,7 +45,7 @@ class TrialWorker:
     """The body of one Ray actor. Its `state` runs in a separate concurrency group, so it
     answers while a trial runs (for monitoring, and for tests that kill a busy worker)."""
 
-    def __init__(self, cfg_json: dict, env: dict[str, str], threads: int):
+    def __init__(self, cfg_json: dict, env: dict[str, str], threads: int, judge_actor=None):
         import torch
 
         from .sweep import TrialRunner
@@ -52,7 +54,8 @@ class TrialWorker:
         torch.set_num_threads(threads)  # no more threads than the CPUs Ray reserved for this actor
         self.trial: str | None = None
         self.phase: str | None = None
-        self.runner = TrialRunner(SweepConfig(**cfg_json), status=self.note)
+        judge = SharedJudge(judge_actor) if judge_actor is not None else None
+        self.runner = TrialRunner(SweepConfig(**cfg_json), status=self.note, judge=judge)
 
     def note(self, text: str) -> None:
         self.phase = text
@@ -70,6 +73,48 @@ class TrialWorker:
 
     def state(self) -> dict:
         return {"pid": os.getpid(), "node": os.uname().nodename, "trial": self.trial, "phase": self.phase}
+
+
+class JudgeWorker:
+    """The body of the one Ray actor that holds the judge model when workers share it
+    (--judge-placement shared): the judge is loaded once, on its own resources."""
+
+    def __init__(self, cfg_json: dict, env: dict[str, str], threads: int):
+        import torch
+
+        from .evaluate import build_judge
+        from .models import pick_device
+
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        cfg = SweepConfig(**cfg_json)  # its judge is resolved (never "auto") by the driver
+        self.judge = build_judge(cfg.judge, cfg.eval_config(), pick_device(cfg.device))
+
+    def describe(self) -> dict:
+        j = self.judge
+        return {"name": j.name, "model": j.model, "settings": j.settings,
+                "labels_refusals": getattr(j, "labels_refusals", False)}
+
+    def judge_pairs(self, prompts: list[str], responses: list[str]) -> list:
+        return self.judge.judge(prompts, responses)
+
+
+class SharedJudge:
+    """A worker's handle on the shared judge actor, with the Judge interface: each call is a Ray
+    round trip (the actor judges one batch at a time, for every worker in turn)."""
+
+    def __init__(self, actor):
+        import ray
+
+        self.actor = actor
+        info = ray.get(actor.describe.remote())
+        self.name, self.model, self.settings = info["name"], info["model"], info["settings"]
+        self.labels_refusals = info["labels_refusals"]
+
+    def judge(self, prompts, responses) -> list:
+        import ray
+
+        return ray.get(self.actor.judge_pairs.remote(list(prompts), list(responses)))
 
 
 class RayExecutor:
@@ -92,6 +137,7 @@ class RayExecutor:
         self.address, self.num_workers = address, num_workers
         self.gpus_per_trial, self.cpus_per_trial, self.retries = gpus_per_trial, cpus_per_trial, retries
         self.actors: list = []
+        self.judge_actor = None  # --judge-placement shared
         self.owns_ray = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -108,9 +154,9 @@ class RayExecutor:
         if not self.actors and not self.owns_ray:
             return
         ray = require_ray()
-        for actor in self.actors:
+        for actor in [*self.actors, *([self.judge_actor] if self.judge_actor else [])]:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.judge_actor = [], None
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False
@@ -129,24 +175,29 @@ class RayExecutor:
                 raise ConfigError(f"--address {self.address}: cannot join the Ray cluster ({first}); "
                                   "start it with `ray start --head` or leave --address out for a local instance") from None
         else:
-            cpus = None if self.num_workers is None else math.ceil(self.num_workers * self.cpus_per_trial)
+            judge = 1 if self.cfg.judge_placement == "shared" else 0  # the shared judge actor: one more
+            cpus = None if self.num_workers is None else math.ceil((self.num_workers + judge) * self.cpus_per_trial)
             ray.init(address="local", num_cpus=cpus, **quiet)  # a new instance, never a `ray start` one found here
             self.owns_ray = True
         return ray
 
     def pool_size(self, ray, pending: int) -> int:
-        """As many workers as the cluster holds (or as asked), never more than trials to run."""
-        if self.num_workers is not None:
-            return min(self.num_workers, pending)
+        """As many workers as the cluster holds (or as asked: an autoscaling cluster may grow), never
+        more than trials to run; refused when not even one fits (it would wait forever)."""
         resources = ray.cluster_resources()
-        fits = int(resources.get("CPU", 0) // self.cpus_per_trial)
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        if self.cfg.judge_placement == "shared":  # the judge actor's share is not for workers
+            cpus, gpus = cpus - self.cpus_per_trial, gpus - self.cfg.judge_gpus
+        fits = int(cpus // self.cpus_per_trial)
         if self.gpus_per_trial:
-            fits = min(fits, int(resources.get("GPU", 0) // self.gpus_per_trial))
+            fits = min(fits, int(gpus // self.gpus_per_trial))
         if fits < 1:
+            judge = f" besides the shared judge ({self.cpus_per_trial:g} CPUs, {self.cfg.judge_gpus:g} GPUs)" \
+                if self.cfg.judge_placement == "shared" else ""
             raise ConfigError(f"the Ray cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) "
-                              f"cannot hold one trial ({self.cpus_per_trial:g} CPUs, {self.gpus_per_trial:g} GPUs); "
-                              "lower --gpus-per-trial or add nodes")
-        return min(fits, pending)
+                              f"cannot hold one trial ({self.cpus_per_trial:g} CPUs, {self.gpus_per_trial:g} GPUs)"
+                              f"{judge}; lower --gpus-per-trial or add nodes")
+        return min(self.num_workers or fits, pending)
 
     def grow(self, pending: int) -> None:
         ray = self.connect()
@@ -156,11 +207,16 @@ class RayExecutor:
         worker = ray.remote(concurrency_groups={"control": 1})(TrialWorker)
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         options = {"num_cpus": self.cpus_per_trial, "num_gpus": self.gpus_per_trial,
-                       "max_restarts": self.retries, "max_task_retries": self.retries}
+                   "max_restarts": self.retries, "max_task_retries": self.retries}
         cfg_json = self.cfg.model_dump(mode="json")
         threads = max(1, int(self.cpus_per_trial))
+        if self.cfg.judge_placement == "shared" and self.judge_actor is None:
+            if self.cfg.judge.split(":")[0] in ("keyword", "compliance"):
+                raise ConfigError(f"--judge-placement shared is for a judge model; the judge here is {self.cfg.judge}")
+            judge = ray.remote(JudgeWorker).options(**{**options, "num_gpus": self.cfg.judge_gpus})
+            self.judge_actor = judge.remote(cfg_json, env, threads)
         while len(self.actors) < wanted:
-            self.actors.append(worker.options(**options).remote(cfg_json, env, threads))
+            self.actors.append(worker.options(**options).remote(cfg_json, env, threads, self.judge_actor))
 
     def workers(self, timeout: float = 30) -> list[dict]:
         """Each worker's pid, node and the trial it is running (None when idle)."""

@@ -35,6 +35,7 @@ from .evaluate import (
     jsonable,
     judge_all,
     release,
+    resolve_judge,
     unique_names,
     write_outputs,
 )
@@ -134,7 +135,7 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
     for role, specs in (("val", cfg.task_val), ("test", cfg.task_test)):
         for name, task in unique_names(load_task(s, **options) for s in specs).items():
             tasks[f"{role}/{name}"] = replace(task, items=task.items[:cfg.limit]) if cfg.limit else task
-    judge_spec = eval_cfg.judge if eval_cfg.judge != "auto" else ("keyword" if device == "cpu" else "wildguard")
+    judge_spec = resolve_judge(eval_cfg.judge, device)
     from .judges import make_judge
 
     make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
@@ -201,7 +202,8 @@ class TrialRunner:
     """What one process needs to run trials, loaded once: the trial models' source (the aligned
     model in memory, or vLLM engines), the evaluation plan and the judge."""
 
-    def __init__(self, cfg: SweepConfig, status: Callable[[str], None] = lambda text: None):
+    def __init__(self, cfg: SweepConfig, status: Callable[[str], None] = lambda text: None, judge=None):
+        """``judge``: a judge held elsewhere (a shared Ray actor); by default one is built here."""
         from .models import pick_device
 
         self.cfg = cfg
@@ -214,7 +216,7 @@ class TrialRunner:
             self.models = VllmTrialModels(cfg)
         else:
             self.models = LiveTrialModels(cfg, self.device)
-        self.judge = None
+        self.judge = judge
         self.status = status
 
     def prepare(self, items: list[tuple[Trial, str]], log: Callable[[str], None]) -> list[tuple[Trial, str]]:
@@ -363,6 +365,8 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
         require_vllm()  # one line now, not after the inputs are fingerprinted
     device = pick_device(cfg.device)
     plan = sweep_plan(cfg, device)  # every input file checked before anything runs
+    if cfg.judge == "auto":  # decided here, once: workers on other devices judge alike
+        cfg = cfg.model_copy(update={"judge": plan.judge_spec})
     fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()}
     for f in cfg.finetuned:
         fingerprints[f] = open_source(f, allow_pickle=cfg.allow_pickle).fingerprint()

@@ -163,7 +163,8 @@ class VllmBackend:
         params = SamplingParams(**sampling_kwargs(settings, self.stops))
         encoded = [self.encode(r) for r in requests]
         prompts = [self.render(r) for r in requests]
-        jobs = [(k, i) for k in range(len(loras)) for i in range(len(requests))]
+        # prompt-major: every engine call holds each prompt under every LoRA, so the λ values share batches
+        jobs = [(k, i) for i in range(len(requests)) for k in range(len(loras))]
         results: list[dict[int, list[Completion]]] = [{} for _ in loras]
         for start in range(0, len(jobs), CHUNK):
             chunk = jobs[start:start + CHUNK]
