@@ -146,3 +146,32 @@ def test_one_engine_serves_every_lambda(vllm, tmp_path):
         assert [c.response for c in got] == [c.response for c in want]
         view = engine.for_lambda(adapter, lam, model_id=loaded.fingerprint, scratch=tmp_path / "scratch")
         assert [c.response for c in view.generate(requests(), settings)] == [c.response for c in got]
+
+
+def test_vllm_sweep_serves_lambda_trials_as_lora_requests(vllm, tmp_path, sweep_inputs):
+    """The sweep on real vLLM: the linear λ trials of a LoRA fine-tune are generated as LoRA requests
+    of the aligned engine, and give what `safemerge merge` at that λ generates (fp32, greedy)."""
+    import json
+
+    from safemerge.config import SweepConfig
+    from safemerge.sweep import sweep
+
+    base = build_model("llama", seed=3)
+    aligned = save_model(base, tmp_path / "aligned", torch.float32)
+    adapter = lora_adapter(base, tmp_path / "adapter", seed=0)
+    cfg = SweepConfig(aligned=str(aligned), finetuned=[str(adapter)], out=tmp_path / "run", methods=["linear"],
+                      lambdas=[0.5], safety=[f"file:{sweep_inputs['harmful']}"], judge=f"keyword:{sweep_inputs['keywords']}",
+                      task_val=[f"gsm8k:{sweep_inputs['root'] / 'val.jsonl'}"], policy="paper", max_new_tokens=8,
+                      backend="vllm", dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+                      judge_gpu_memory_utilization=0.3)
+    trials = {t["label"]: t for t in sweep(cfg, progress=False).results["trials"]}
+    lam = trials["linear λ=0.5 (seed 0)"]
+    assert lam["generated_by"].endswith("/lora")
+    merged = safemerge.merge(str(aligned), [str(adapter)], tmp_path / "m", method="linear", lam=0.5, progress=False)
+    loaded = load_model(str(merged.out), device="cuda", dtype="float32")
+    want = TransformersBackend(loaded.model, loaded.tokenizer, model_id="m")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trials" / lam["key"] / "responses" /
+                                          "file_harmful.csv_selection.jsonl").read_text().splitlines()]
+    got = want.generate([Request(r["id"], messages=({"role": "user", "content": r["prompt"]},),
+                                 system=cfg.system_prompt) for r in rows], GenerationSettings(max_new_tokens=8))
+    assert [r["response"] for r in rows] == [c.response for c in got]
