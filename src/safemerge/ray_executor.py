@@ -74,6 +74,10 @@ class TrialWorker:
     def state(self) -> dict:
         return {"pid": os.getpid(), "node": os.uname().nodename, "trial": self.trial, "phase": self.phase}
 
+    def shutdown(self) -> None:
+        """Free the models now (vLLM engines are shut down, scratch files removed), before the kill."""
+        self.runner.close()
+
 
 class JudgeWorker:
     """The body of the one Ray actor that holds the judge model when workers share it
@@ -97,6 +101,13 @@ class JudgeWorker:
 
     def judge_pairs(self, prompts: list[str], responses: list[str]) -> list:
         return self.judge.judge(prompts, responses)
+
+    def shutdown(self) -> None:
+        from .evaluate import release
+
+        backend = getattr(self.judge, "backend", None)
+        if backend is not None:
+            release(getattr(backend, "backend", backend))  # inside its cache
 
 
 class SharedJudge:
@@ -154,7 +165,12 @@ class RayExecutor:
         if not self.actors and not self.owns_ray:
             return
         ray = require_ray()
-        for actor in [*self.actors, *([self.judge_actor] if self.judge_actor else [])]:
+        actors = [*self.actors, *([self.judge_actor] if self.judge_actor else [])]
+        try:  # let each free its models (GPU engines) first; a worker that does not answer is killed anyway
+            ray.get([a.shutdown.remote() for a in actors], timeout=120)
+        except Exception:  # noqa: BLE001 - a dead or stuck actor must not stop the clean-up of the others
+            pass
+        for actor in actors:
             ray.kill(actor)
         self.actors, self.judge_actor = [], None
         if self.owns_ray:

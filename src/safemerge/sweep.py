@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -393,6 +394,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
                 for method_trials in bisect_groups(cfg):
                     records += run_bisection(cfg, method_trials, executor, keyed, records[0], bar, search_log,
                                              breaches)
+    shutil.rmtree(out / "scratch", ignore_errors=True)  # vLLM workers' merges and scaled adapters, killed ones' too
     results = assemble(cfg, records, search_log, breaches, invoked_as)
     finish(cfg, results, progress)
     return SweepResult(out, results)
