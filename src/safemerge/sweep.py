@@ -4,7 +4,7 @@ A *trial* is one model to evaluate: the aligned model (λ = 0), a fine-tuned mod
 merge. Trials are self-contained and serialisable (a Trial plus the SweepConfig), so an executor
 can run them anywhere; the local executor runs them one after the other in this process, with
 the aligned model loaded once and each trial's weights set in place by the merge stream that
-`safemerge merge` runs. A finished trial is stored atomically under RUN/trials/<key>/, keyed by
+`safemerge merge` runs (or, with vLLM, on engines: see vllm_sweep.py). A finished trial is stored atomically under RUN/trials/<key>/, keyed by
 the inputs' content fingerprints, the method, its parameters and the evaluation settings: a
 sweep stopped at any point and started again redoes no finished trial.
 """
@@ -145,8 +145,9 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
 
 def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
     """Everything about the evaluation that changes a trial's results."""
-    settings = cfg.eval_config().model_dump(mode="json", exclude={"model", "out", "cache_dir", "force", "safety", "tasks",
-                                                                         "gpu_memory_utilization", "judge_gpu_memory_utilization"})
+    where = {"model", "out", "cache_dir", "force", "safety", "tasks", "gpu_memory_utilization",
+             "judge_gpu_memory_utilization"}  # inputs are keyed apart; memory shares change no result
+    settings = cfg.eval_config().model_dump(mode="json", exclude=where)
     return {
         "settings": settings,
         "safety": {name: pset.sha256 for name, pset in plan.safety.items()},
@@ -272,8 +273,8 @@ def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Me
         role, task = name.split("/", 1)
         tasks[role][task] = {"primary": record["primary"], "metrics": record["metrics"], "n": record["n"]}
     record = {"kind": trial.kind, "method": trial.method, "lam": trial.lam, "density": trial.density, "seed": trial.seed,
-              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint, "generated_by": generated_by,
-              "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
+              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint,
+              "generated_by": generated_by, "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
               "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     return jsonable(record)
 
