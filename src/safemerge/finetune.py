@@ -361,41 +361,30 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
     path, tokenizer = load_base(model)
     check_lengths(examples, tokenizer, max_length, data)
     train, val = split(examples, val_fraction, seed, data)
-    from accelerate import PartialState
+    from .writer import atomic_directory
 
-    with quiet(not progress), output_directory(out, force) as tmp:
-        trainer, targets = build_trainer(path, model, tokenizer, train, val, tmp, device, s)
+    # the Trainer's own directory (no checkpoints are saved) is scratch; OUT is written at the end,
+    # by the main process alone: under `accelerate launch` / torchrun every process trains, and which
+    # one is the main process is known only once the Trainer has set up the process group
+    with quiet(not progress), tempfile.TemporaryDirectory(prefix="safemerge-finetune-") as scratch:
+        trainer, targets = build_trainer(path, model, tokenizer, train, val, Path(scratch), device, s)
         before = eval_loss(trainer) if val else None
         summary = trainer.train()
         after = eval_loss(trainer) if val else None
-        save(trainer, tokenizer, tmp, base_spec(model), full)
-        write_rows(tmp / "train.jsonl", train)
-        write_rows(tmp / "val.jsonl", val)
         history = training_history(trainer)
-        state = PartialState()
+        main = trainer.is_world_process_zero()
         result = FinetuneResult(out, len(train), len(val), trainer.state.global_step,
                                 history[-1]["loss"] if history else None, before, after, time.perf_counter() - started,
-                                processes=state.num_processes, published=state.is_main_process)
-        used = replace(s, target_modules=targets, device=device)
-        record = training_record(result, used, history, summary, model, data, trainer)
-        write_file(tmp / LOG_FILE, json.dumps(record, indent=2, default=str) + "\n")
+                                processes=trainer.args.world_size, published=main)
+        if main:
+            with atomic_directory(out, force) as tmp:
+                save(trainer, tokenizer, tmp, base_spec(model), full)
+                write_rows(tmp / "train.jsonl", train)
+                write_rows(tmp / "val.jsonl", val)
+                record = training_record(result, replace(s, target_modules=targets, device=device), history, summary,
+                                         model, data, trainer)
+                write_file(tmp / LOG_FILE, json.dumps(record, indent=2, default=str) + "\n")
     return result
-
-
-@contextmanager
-def output_directory(out: Path, force: bool):
-    """Under `accelerate launch` every process trains, and only the main one publishes OUT; the
-    others write into a scratch directory that is thrown away (single process: the main one)."""
-    from accelerate import PartialState
-
-    from .writer import atomic_directory
-
-    if PartialState().is_main_process:
-        with atomic_directory(out, force) as tmp:
-            yield tmp
-    else:
-        with tempfile.TemporaryDirectory(prefix="safemerge-finetune-") as tmp:
-            yield Path(tmp)
 
 
 def training_device(device: str) -> str:
