@@ -30,8 +30,8 @@ from .evaluate import (
     EvalPlan,
     Measured,
     build_judge,
-    cache_root,
     generate_and_score,
+    generation_cache,
     generation_jobs,
     jsonable,
     judge_all,
@@ -187,7 +187,7 @@ class LiveTrialModels:
     def order(self, trials: list[Trial]) -> list[Trial]:
         return trials
 
-    def prefetch(self, trials, jobs, cache_dir) -> int:
+    def prefetch(self, trials, jobs, cache) -> int:
         """Nothing to share: one model is in memory at a time."""
         return 0
 
@@ -228,7 +228,7 @@ class TrialRunner:
         self.status(f"generating for {len(items)} trials")
         started = time.perf_counter()
         shared = self.models.prefetch([t for t, _ in items], generation_jobs(self.plan, self.eval_cfg),
-                                      cache_root(self.eval_cfg) / "generations")
+                                      lambda backend: generation_cache(backend, self.eval_cfg))
         if shared:
             log(f"generated for {shared} trials in shared engine calls in {time.perf_counter() - started:.1f}s")
         return items

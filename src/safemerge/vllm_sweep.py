@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoints import LoraAdapter, open_source
@@ -93,14 +94,16 @@ class VllmTrialModels:
         model_id = f"{self.aligned_fingerprint}+{lam:g}*lora:{self.fingerprints[adapter]}"
         return engine.for_lambda(self.adapters[adapter][0], lam, model_id=model_id, scratch=self.scratch / "lora"), model_id
 
-    def prefetch(self, trials: list, jobs: dict[str, tuple[list[Request], GenerationSettings]], cache_dir: Path) -> int:
+    def prefetch(self, trials: list, jobs: dict[str, tuple[list[Request], GenerationSettings]],
+                 cache: Callable[[Backend], CachedBackend]) -> int:
         """Generate every job of the aligned engine's trials in shared engine calls, into the
-        generation cache where each trial then finds its responses; how many trials shared them."""
+        generation cache (``cache(backend)``, the one each trial's evaluation reads) where each trial
+        then finds its responses; how many trials shared them."""
         shared = [t for t in trials if self.by_lora(t)]
         if len(shared) < 2:
             return 0
         views = [self.backend(t)[0] for t in shared]
-        caches = [CachedBackend(v, cache_dir) for v in views]
+        caches = [cache(v) for v in views]
         loras = [getattr(v, "lora", None) for v in views]  # the aligned engine itself: no LoRA
         engine = self.engine
 
