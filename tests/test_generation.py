@@ -226,8 +226,10 @@ def test_shared_generation_fills_each_models_cache(backend, second_backend, tmp_
         assert [c.response for c in got] == [c.response for c in inner.generate(requests, settings)]
     assert not list(tmp_path.glob("*.partial.jsonl"))
 
-    # two fresh caches that miss the same requests share one call
+    # two fresh caches that miss the same requests share one call; a model given twice generates once
     calls.clear()
     other = GenerationSettings(max_new_tokens=4)
-    generate_shared([CachedBackend(m, tmp_path) for m in models], requests, other, grid)
+    generate_shared([CachedBackend(m, tmp_path) for m in (*models, models[0])], requests, other, grid)
     assert calls == [([0, 1], [r.id for r in requests])]
+    again = CachedBackend(models[0], tmp_path)
+    assert len(again.generate(requests, other)) == len(requests) and again.hits == len(requests)

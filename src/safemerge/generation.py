@@ -316,9 +316,15 @@ def generate_shared(caches: Sequence[CachedBackend], requests: Sequence[Request]
     shared engine calls: ``grid(todo, settings, members, on_batch)`` generates ``todo`` under the
     model of each cache index in ``members`` and hands each batch to ``on_batch(index, completions)``.
     Caches that already hold the answers are skipped; caches that miss the same requests (a fresh
-    start, or runs stopped at the same point) generate them together."""
+    start, or runs stopped at the same point) generate them together; two caches of the same model
+    (the same files) generate once."""
     groups: dict[tuple[str, ...], list[int]] = {}
+    seen = set()
     for k, cache in enumerate(caches):
+        path = cache.paths(requests, settings)[0]
+        if path in seen:  # the same model twice (linear and task_arithmetic at one λ): generated once
+            continue
+        seen.add(path)
         todo = cache.missing(requests, settings)
         if todo:
             groups.setdefault(tuple(r.id for r in todo), []).append(k)
