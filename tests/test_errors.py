@@ -28,10 +28,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import build_model, lora_adapter
 from safetensors.torch import load_file, save_file
 
 import safemerge
-from conftest import build_model, lora_adapter
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
 LLAMA = ("llama", torch.float32)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model, lora_adapter, make_tokenizer, save_model
+from test_bertscore import tiny_bert  # noqa: F401  (a fixture)
 
 from safemerge.evaluate import evaluate
-from test_bertscore import tiny_bert  # noqa: F401  (a fixture)
 from safemerge.judges import REFUSAL_KEYWORDS, xstest_label
 from safemerge.stats import wilson
 from safemerge.tasks import extract_number
@@ -208,7 +208,7 @@ def test_model_without_tokenizer_or_chat_template(files, tmp_path):
     assert json.loads((tmp_path / "o3" / "results.json").read_text())["model"]["chat_template"] == str(template)
 
 
-def test_bertscore_file_task_through_evaluate(files, tiny_bert, tmp_path):
+def test_bertscore_file_task_through_evaluate(files, tiny_bert, tmp_path):  # noqa: F811 (the imported fixture)
     pytest.importorskip("bert_score")
     from safemerge.bertscore import BertScoreScorer
     from safemerge.tasks import load_file_task

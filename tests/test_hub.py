@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-
 from reference import load_state, reference
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

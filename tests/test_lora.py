@@ -3,10 +3,10 @@ peft materialises with merge_and_unload, without ever building that model."""
 
 import pytest
 import torch
-
-import safemerge
 from conftest import build_model, lora_adapter, save_model
 from reference import assert_matches, load_state, reference
+
+import safemerge
 
 METHODS_WITH_LAMBDA = ["linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties"]
 

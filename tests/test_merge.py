@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from reference import assert_matches, load_state, reference
 
 import safemerge
 from safemerge import METHODS, methods
-from reference import assert_matches, load_state, reference
 
 engine = importlib.import_module("safemerge.merge")  # the module, not the function
 

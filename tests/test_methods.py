@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from safemerge import METHODS
+from safemerge import METHODS, methods
 from safemerge.errors import ConfigError
-from safemerge import methods
 from safemerge.methods import get, register, trim
 
 A = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])

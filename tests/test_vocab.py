@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-
-import safemerge
 from conftest import VOCAB, build_model, finetune_copy, lora_adapter, make_tokenizer, save_model
 from reference import load_state, reference
+
+import safemerge
 
 ADDED = 8
 
