@@ -6,6 +6,9 @@ compliance above the aligned model's, and the chosen merge brings it back below 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,32 @@ def test_the_demo_writes_what_it_promises(demo):
     chosen = next(t for t in results["trials"] if t["key"] == results["choice"]["chosen"]["trial"])
     harmful = next(s for s in chosen["safety"] if not s.startswith("xstest"))
     assert demo.summary["rows"][-1]["compliance"] == chosen["safety"][harmful]["report"]["asr"]["value"]
+
+
+# `safemerge demo` as a user runs it, with run_demo's reduced settings (the test-size tiny model built
+# into OUT, 20 fine-tuning steps, one linear merge, 8 prompts per set) so that it takes seconds
+REDUCED_DEMO_COMMAND = """
+import functools, sys
+import safemerge.demo.run as run
+from safemerge.cli import main
+run.run_demo = functools.partial(run.run_demo, size="test", methods=["linear"], lambdas=[0.5],
+                                 finetune_settings={"max_steps": 20}, sweep_settings={"max_new_tokens": 8, "limit": 8})
+sys.argv = ["safemerge", "demo", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress", "quiet"])
+def test_demo_command_progress_is_one_bar_per_stage_or_nothing(tmp_path, quiet):
+    """stderr is a pipe here: each stage's bar is written once, finished (the sweep's bar draws on a
+    terminal only), and --quiet writes nothing there; stdout has the commands and the summary."""
+    r = subprocess.run([sys.executable, "-c", REDUCED_DEMO_COMMAND, "--out", str(tmp_path / "out"), "--seeds", "1",
+                        *(["--quiet"] if quiet else [])], check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "SAFEMERGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "$ safemerge finetune" in r.stdout and "safemerge demo (held-out report prompts)" in r.stdout
+    if quiet:
+        assert r.stderr == ""
+    else:
+        stages = [line.split(",")[0] for line in r.stderr.splitlines()]
+        assert stages == ["tiny model: helpful", "tiny model: alignment", "training"], r.stderr[-2000:]

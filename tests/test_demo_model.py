@@ -134,6 +134,18 @@ def test_assistant_only_labels(tiny_dir):
     assert labels[-len(answer):] == ids[-len(answer):]
 
 
+def test_build_shows_one_bar_per_stage_and_nothing_when_quiet(tmp_path, capfd):
+    """stderr is not a terminal here, so each stage's bar is written once, finished; no print lines."""
+    tiny.build_tiny_aligned(tmp_path / "shown", size="test", progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert [line.split(",")[0] for line in err.splitlines()] == ["tiny model: helpful", "tiny model: alignment"]
+    size = tiny.SIZES["test"]
+    assert f" {size.steps}/{size.steps} " in err and f" {size.align_steps}/{size.align_steps} " in err
+    tiny.build_tiny_aligned(tmp_path / "quiet", size="test", progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_cache_path_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "sm"))
     assert tiny.tiny_aligned_path() == tmp_path / "sm" / "demo" / f"tiny-aligned-{tiny.VERSION}"

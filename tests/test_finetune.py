@@ -17,7 +17,17 @@ from conftest import VOCAB, build_model, make_tokenizer, save_model
 from safetensors.torch import load_file
 
 from safemerge.errors import ConfigError
-from safemerge.finetune import Settings, build_trainer, finetune, lora_targets, read_examples, split
+from safemerge.finetune import (
+    OLDER_SPELLINGS,
+    Settings,
+    build_trainer,
+    finetune,
+    lora_targets,
+    numerics,
+    planned_steps,
+    read_examples,
+    split,
+)
 
 # A template made of words the WordLevel tokenizer knows (w88..w91 mark the roles, </s> ends
 # a turn), so no token of the training text is <unk>.
@@ -160,6 +170,40 @@ def test_loss_goes_down_and_validation_loss_improves(lora):
     assert max(lrs) == pytest.approx(1e-2) and lrs[-1] < 1e-3  # warm-up, then cosine decay
 
 
+def test_numeric_settings_are_explicit_and_recorded(lora):
+    """The settings that change a run's numbers are ours, not TRL's or transformers' defaults, and
+    training_log.json records them as the Trainer resolved them: the warm-up is whole steps."""
+    _, out = lora
+    log = json.loads((out / "training_log.json").read_text())
+    settings = log["trainer_settings"]
+    assert (settings["steps"], settings["warmup_steps"], settings["processes"]) == (20, 2, 1)  # ceil(0.1 · 20)
+    assert {k: settings[k] for k in ("optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                                     "lr_scheduler_type", "gradient_accumulation_steps", "tf32", "padding_free",
+                                     "loss_type", "completion_only_loss", "train_sampling_strategy")} == {
+        "optim": "adamw_torch", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
+        "lr_scheduler_type": "cosine", "gradient_accumulation_steps": 1, "tf32": False, "padding_free": False,
+        "loss_type": "nll", "completion_only_loss": True, "train_sampling_strategy": "random"}
+    lrs = [e["learning_rate"] for e in log["log"]]
+    assert lrs[:3] == [0.0, pytest.approx(5e-3), pytest.approx(1e-2)]  # two warm-up steps, then the peak
+
+
+def test_every_pinned_setting_is_a_field_of_sftconfig():
+    """A misspelt name would be dropped as if an older release lacked it."""
+    from dataclasses import fields
+
+    from trl import SFTConfig
+
+    assert set(numerics("cpu", Settings())) - {f.name for f in fields(SFTConfig)} <= OLDER_SPELLINGS
+
+
+def test_planned_steps_count_as_the_trainer_does():
+    """Each data-parallel process takes its own batch, and a short last batch still makes a step."""
+    s = Settings(batch_size=4, epochs=2)
+    assert planned_steps(36, s) == 18 and planned_steps(36, s, processes=2) == 10
+    assert planned_steps(37, s, processes=2) == 10 and planned_steps(33, s, processes=2) == 10
+    assert planned_steps(36, Settings(max_steps=7), processes=2) == 7
+
+
 def test_validation_loss_is_the_loss_on_the_reply_tokens_only(tiny, lora):
     """TRL's validation losses, recomputed by hand on the saved val.jsonl: they match the loss
     over the reply tokens, not the loss over the whole sequence."""
@@ -282,6 +326,7 @@ def test_epochs_without_validation_split(tiny):
     assert (out / "val.jsonl").read_text() == "" and len((out / "train.jsonl").read_text().splitlines()) == 40
     log = json.loads((out / "training_log.json").read_text())
     assert log["data_sha256"] == hashlib.sha256(tiny.data.read_bytes()).hexdigest()
+    assert (log["trainer_settings"]["steps"], log["trainer_settings"]["warmup_steps"]) == (5, 1)  # as planned
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -365,6 +410,38 @@ def test_bad_options(tiny, tmp_path, option, message):
         finetune(str(tiny.base), tiny.data, tmp_path / "out", **{**FAST, **option})
 
 
+# what tqdm bars, the Trainer's printed log dicts and datasets' map bars leave in a captured stream
+LIBRARY_NOISE = ("it/s]", "%|", "examples/s", "{'loss'", "'grad_norm'", "Truncating", "Dropping fully masked",
+                 "Tokenizing")
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress", "quiet"])
+def test_command_shows_one_bar_and_nothing_from_the_libraries(tiny, tmp_path, quiet):
+    """`safemerge finetune` with stderr a pipe, as in a log file: our bar writes its final state once
+    and nothing per step, --quiet writes nothing; stdout is the one result line. Every logged step
+    still reaches training_log.json."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "safemerge", "finetune", str(tiny.base), "--data", str(tiny.data),
+                        "--out", str(out), "--max-steps", "20", "--lr", "1e-2", "--device", "cpu",
+                        *(["--quiet"] if quiet else [])],
+                       check=False, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith(f"wrote {out}: 20 steps")
+    assert not [noise for noise in LIBRARY_NOISE if noise in r.stderr + r.stdout], r.stderr[-2000:]
+    if quiet:
+        assert r.stderr == ""
+    else:
+        [line] = r.stderr.splitlines()
+        assert line.startswith("training, loss ") and " 20/20 " in line
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log["log"]] == list(range(1, 21))  # 20 steps log every step
+    assert all("loss" in e and "grad_norm" in e for e in log["log"])
+
+
 def free_port() -> int:
     import socket
 
@@ -376,7 +453,7 @@ def free_port() -> int:
 def test_data_parallel_under_accelerate_launch(tiny, tmp_path):
     """`accelerate launch` with the example config (two processes on the CPU here, gloo; the config's
     4 GPUs and bf16 overridden on the command line): each process trains on its share of every
-    global batch, and only the main process writes OUT."""
+    global batch, and only the main process writes OUT and draws the progress bar."""
     import subprocess
     import sys
 
@@ -388,13 +465,16 @@ def test_data_parallel_under_accelerate_launch(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                         "-m", "safemerge", "finetune", str(tiny.base), "--data", str(tiny.data), "--out", str(out),
-                        "--max-steps", "10", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu", "--quiet"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--max-steps", "10", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu"],
+                       check=False, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     wrote = [line for line in r.stdout.splitlines() if line.startswith("wrote")]
     assert len(wrote) == 1 and "on 2 processes (global batch 8)" in wrote[0]
+    assert r.stderr.count("training, loss") == 1, r.stderr[-2000:]  # the main process's bar alone
     log = json.loads((out / "training_log.json").read_text())
     assert log["result"]["processes"] == 2 and log["result"]["global_batch_size"] == 8
+    assert (log["trainer_settings"]["processes"], log["trainer_settings"]["warmup_steps"]) == (2, 1)
     # 36 training examples in global batches of 8: 5 steps an epoch (one process with batch 4 takes 9)
     assert next(e["epoch"] for e in log["log"] if e["step"] == 10) == pytest.approx(2.0)
     assert log["result"]["val_loss_after"] < log["result"]["val_loss_before"]

@@ -103,7 +103,17 @@ def batches(encoded: list[tuple[list[int], list[int]]], size: TinySize, pad: int
             yield ids, labels, ids != pad
 
 
-def train(model, encoded, size: TinySize, pad: int, seed: int, progress: bool, steps: int, lr: float) -> list[float]:
+def train(model, encoded, size: TinySize, pad: int, seed: int, progress: bool, steps: int, lr: float,
+          stage: str = "training") -> list[float]:
+    """``train_steps`` under one progress bar for the stage (none when not ``progress``)."""
+    from ..progress import progress_bar
+
+    with progress_bar(stage, steps, progress) as bar:
+        return train_steps(model, encoded, size, pad, seed, bar, steps, lr, stage)
+
+
+def train_steps(model, encoded, size: TinySize, pad: int, seed: int, bar, steps: int, lr: float,
+                stage: str) -> list[float]:
     import math
 
     import torch
@@ -123,8 +133,7 @@ def train(model, encoded, size: TinySize, pad: int, seed: int, progress: bool, s
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if progress and (step + 1) % 250 == 0:
-            print(f"  step {step + 1}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}", flush=True)
+        bar.advance(description=f"{stage}, loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
     return losses
 
 
@@ -132,6 +141,8 @@ def build_tiny_aligned(out: Path, *, seed: int = 0, progress: bool = True, size:
     """Train the tiny aligned model and save it to `out` (a Hugging Face directory)."""
     import torch
     from transformers import GenerationConfig
+
+    from ..progress import libraries_silenced
 
     chosen = SIZES[size]
     torch.manual_seed(seed)
@@ -142,20 +153,19 @@ def build_tiny_aligned(out: Path, *, seed: int = 0, progress: bool = True, size:
     tokenizer = train_tokenizer(texts, chosen.vocab)
     encoded = [encode_chat(tokenizer, r) for r in rows]
     model = make_model(chosen, tokenizer)
-    if progress:
-        params = sum(p.numel() for p in model.parameters())
-        print(f"tiny aligned model: {params / 1e6:.2f} M parameters, {len(rows)} chats, {chosen.steps} steps")
     base = [encode_chat(tokenizer, r) for r in corpus.base_corpus(seed)]
-    train(model, base, chosen, tokenizer.pad_token_id, seed, progress, chosen.steps, chosen.lr)
+    train(model, base, chosen, tokenizer.pad_token_id, seed, progress, chosen.steps, chosen.lr,
+          stage="tiny model: helpful")
     losses = train(model, encoded, chosen, tokenizer.pad_token_id, seed + 1, progress, chosen.align_steps,
-                   chosen.align_lr)
+                   chosen.align_lr, stage="tiny model: alignment")
     model.eval()
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=end, do_sample=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with libraries_silenced():  # transformers' "Writing model shards" bar
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     record = {"version": VERSION, "seed": seed, "size": asdict(chosen), "chats": len(rows),
               "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.perf_counter() - started}
