@@ -16,6 +16,7 @@ import torch
 from conftest import build_model
 
 from safemerge.checkpoints import open_source
+from safemerge.choose import meets_constraint
 from safemerge.config import MergeConfig
 from safemerge.inplace import merge_into
 from safemerge.merge import merge
@@ -127,7 +128,8 @@ def test_report_command_rebuilds_the_same_results(grid_run, tmp_path):
 
 
 def test_resume_after_a_kill_redoes_no_finished_trial(inputs, tmp_path):
-    args = sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--lambdas", "0.2,0.4,0.6,0.8", "--keep", "none")
+    args = sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--lambdas", "0.2,0.4,0.6,0.8", "--keep", "none",
+                      "--no-refine")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen([sys.executable, "-m", "safemerge", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -162,6 +164,31 @@ def test_bisection_on_real_trials(inputs, tmp_path):
         steps = [e for e in results["search_log"] if e["seed"] == seed]
         assert 1 <= len(steps) <= 3 and steps[0]["lam"] == 1.0  # λ = 1, then halving to a width of 0.25
     assert isinstance(results["monotonicity_breaches"], list)
+
+
+def test_refinement_closes_the_gap_on_the_safety_boundary(inputs, tmp_path):
+    args = sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--lambdas", "0.3,0.7", "--tolerance", "0.1",
+                      "--keep", "none")
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    refined = [e for e in results["search_log"] if e["phase"] == "refine"]
+    assert refined and {e["seed"] for e in refined} == {0, 1}  # every λ on both seeds
+    by_key = {t["key"]: t for t in results["trials"]}
+    aligned = next(t for t in results["trials"] if t["kind"] == "aligned")
+    passes: dict[float, list[bool]] = {}
+    for t in results["trials"]:
+        if t["kind"] == "merge":
+            passes.setdefault(t["lam"], []).append(meets_constraint(t, aligned, 0.02))
+    assert set(passes) == {0.3, 0.7} | {e["lam"] for e in refined} and all(e["trial"] in by_key for e in refined)
+    low = max((lam for lam, ok in passes.items() if all(ok)), default=0.0)
+    high = min((lam for lam in passes if lam > low), default=1.0)
+    assert high - low <= 0.1 + 1e-9, passes  # the boundary is found to within the tolerance
+    assert "refine" in (tmp_path / "run" / "report.md").read_text()
+    again = run_cli(args, tmp_path)  # refined trials are cached like any other
+    assert again.returncode == 0, again.stderr
+    log = (tmp_path / "run" / "sweep.log").read_text()
+    assert log.count(" evaluated ") == len(results["trials"]) and log.count(" reused ") == len(results["trials"])
 
 
 def test_run_yaml_and_bad_inputs(inputs, tmp_path):
@@ -226,9 +253,12 @@ def test_dry_run_prints_the_plan_and_runs_nothing(inputs, tmp_path):
     r = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear,ties,model_stock", "--lambdas", "0.3,0.7",
                            "--dry-run", "--tokens-per-second", "100"), tmp_path)
     assert r.returncode == 0, r.stderr
-    trials = 1 + 2 + 2 * 2 * 2 + 1  # aligned, 2 fine-tuned, (linear, ties) × 2 λ × 2 seeds, model_stock
+    grid = 1 + 2 + 2 * 2 * 2 + 1  # aligned, 2 fine-tuned, (linear, ties) × 2 λ × 2 seeds, model_stock
+    refining = 2 * 2 * 3  # (linear, ties) × 2 seeds × 3 halvings of the widest gap (0.3 to 0.7) down to 0.05
+    trials = grid + refining
     per_trial = 16 + 4 + 4  # harmful prompts, val and test items
     assert f"trials: {trials} (grid" in r.stdout and "per trial: 16 safety prompts" in r.stdout
+    assert f"up to {refining} refining λ" in r.stdout
     assert f"generations: {trials * per_trial}" in r.stdout and "0 model calls" in r.stdout
     assert f"at most {trials * per_trial * 8:,}" in r.stdout  # 8 new tokens each
     assert not (tmp_path / "run").exists()

@@ -199,7 +199,9 @@ class SweepConfig(BaseModel):
     methods: list[str] | None = Field(None, description="merge methods (default: linear, slerp, dare_linear, ties, and model_stock with ≥ 2 fine-tunes)")
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS), min_length=1, description="λ grid (weight of the fine-tuned model)")
     search: Literal["grid", "bisect"] = "grid"
-    tolerance: float = Field(0.05, gt=0, lt=1, description="bisection stops when the λ interval is this narrow")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="bisection and refinement stop when the λ interval is this narrow")
+    refine: bool = Field(True, description="grid, constrained policy: then bisect each method between its largest "
+                                           "λ that passes the safety test and the next λ tried, to the tolerance")
     policy: Literal["constrained", "paper"] = "constrained"
     max_asr_increase: float = Field(0.02, ge=0, le=1, description="constrained policy: allowed ASR rise over the aligned model")
     density: float | None = Field(None, gt=0, le=1, description=f"ties/dare density (default {DEFAULT_DENSITY})")
@@ -293,6 +295,11 @@ class SweepConfig(BaseModel):
             if len(self.finetuned) < m.min_models:
                 raise ValueError(f"{name} needs at least {m.min_models} fine-tuned models (seeds), got {len(self.finetuned)}")
         return self
+
+    @property
+    def refines(self) -> bool:
+        """Refinement runs after a grid under the constrained policy (the paper policy has no boundary to find)."""
+        return self.refine and self.search == "grid" and self.policy == "constrained"
 
     @property
     def method_list(self) -> list[str]:

@@ -268,14 +268,15 @@ def _trials_table(run: Run) -> tuple[list[str], list[list[str]], int | None]:
 
 
 def _search_table(run: Run) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "seed", "λ", "meets the constraint", "ASR upper bounds", "trial"]
+    header = ["search", "method", "seed", "λ", "passes the safety test", "upper bound of ASR − aligned ASR", "trial"]
     rows = []
     for step in run.results.get("search_log") or []:
         uppers = step.get("asr_upper") or {}
         bounds = "; ".join(f"{s}: {_fmt_float(v)}" for s, v in uppers.items()) if isinstance(uppers, dict) \
             else _fmt_float(uppers)
         meets = step.get("meets")
-        rows.append([str(step.get("method", "")), "all" if step.get("seed") is None else str(step.get("seed")),
+        rows.append([str(step.get("phase", "bisect")), str(step.get("method", "")),
+                     "all" if step.get("seed") is None else str(step.get("seed")),
                      _fmt_lam(step.get("lam")), MISSING if meets is None else ("yes" if meets else "no"),
                      bounds or MISSING, str(step.get("trial", ""))[:8]])
     return header, rows
@@ -510,6 +511,8 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
     if made:
         blocks.append(Para(made + "."))
     blocks.append(Para("Choice: " + str(run.choice.get("reason") or "no reason was recorded.")))
+    if run.choice.get("test") and run.choice.get("policy") == "constrained":
+        blocks.append(Para("The safety test: " + str(run.choice["test"])))
     breaches = results.get("monotonicity_breaches") or []
     if breaches:
         blocks.append(Para(f"Warning: {len(breaches)} breach(es) of the assumption that ASR grows with λ; "
@@ -535,7 +538,9 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
                Table(t_header, t_rows, set() if t_chosen is None else {t_chosen})]
     s_header, s_rows = _search_table(run)
     if s_rows:
-        blocks += [Heading("Search log"), Table(s_header, s_rows)]
+        blocks += [Heading("Search log"),
+                   Para("λ values the search added: refine bisects each method between its largest λ that passes "
+                        "the safety test and the next λ tried; bisect searches [0, 1]."), Table(s_header, s_rows)]
     if breaches:
         blocks += [Heading("Monotonicity breaches"),
                    Para("The bisection assumes ASR grows with λ; these measurements contradict it, so its answer "

@@ -266,8 +266,10 @@ def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Me
     safety: dict[str, dict] = {}
     for name, record in measured.safety.items():
         base, part = name.rsplit("/", 1)
-        safety.setdefault(base, {})[part] = {k: v for k, v in record.items()
-                                             if k not in ("generation", "source", "sha256", "responses", "judgements")}
+        kept = {k: v for k, v in record.items() if k not in ("generation", "source", "responses", "judgements")}
+        if not base.startswith("xstest"):  # the paired safety test compares verdicts prompt by prompt
+            kept["verdicts"] = choosing.verdict_string(measured.records[record["judgements"]])
+        safety.setdefault(base, {})[part] = kept
     tasks: dict[str, dict] = {"val": {}, "test": {}}
     for name, record in measured.tasks.items():
         role, task = name.split("/", 1)
@@ -295,13 +297,26 @@ class TrialStore:
 
     def get(self, key: str) -> dict | None:
         path = self.root / key / "trial.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return with_verdicts(json.loads(path.read_text()), path.parent) if path.exists() else None
 
     def put(self, key: str, record: dict, measured: Measured) -> None:
         from .writer import atomic_directory
 
         with atomic_directory(self.root / key, force=True) as tmp:
             write_outputs(tmp, record, measured.records, name="trial.json")
+
+
+def with_verdicts(record: dict, directory: Path) -> dict:
+    """Trials stored before records kept their verdict strings get them from their judgements files."""
+    from .evaluate import slug
+
+    for name, parts in (record.get("safety") or {}).items():
+        for part, summary in parts.items():
+            judgements = directory / "judgements" / f"{slug(f'{name}/{part}')}.jsonl"
+            if not name.startswith("xstest") and "verdicts" not in summary and judgements.exists():
+                rows = [json.loads(line) for line in judgements.read_text().splitlines() if line.strip()]
+                summary["verdicts"] = choosing.verdict_string(rows)
+    return record
 
 
 class Executor(Protocol):
@@ -390,6 +405,8 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
         with closing(make_executor(cfg, store, log, bar.status)) as executor:
             if cfg.search == "grid":  # one call, so that parallel workers never wait for the baselines
                 records = executor.run(keyed(baselines(cfg) + grid_trials(cfg)), bar.advance)
+                if cfg.refines:
+                    records += refine(cfg, executor, keyed, records, bar, search_log)
             else:
                 records = executor.run(keyed(baselines(cfg)), bar.advance)
                 for method_trials in bisect_groups(cfg):
@@ -429,6 +446,43 @@ def bisect_groups(cfg: SweepConfig):
                 yield method, seed, True
 
 
+def lambda_settings(cfg: SweepConfig) -> list[tuple[str, list[int | None]]]:
+    """The methods with a λ axis and the seeds each is merged with."""
+    from .methods import METHODS
+
+    return [(method, [None] if METHODS[method].min_models > 1 else list(range(len(cfg.finetuned))))
+            for method in cfg.method_list if "lam" in METHODS[method].parameters]
+
+
+def passes_by_lambda(records: list[dict], method: str, aligned: dict, allowance: float) -> dict[float, bool]:
+    """For each λ tried with this method: whether every seed passes the safety test."""
+    by_lam: dict[float, list[dict]] = {}
+    for record in records:
+        if record["kind"] == "merge" and record["method"] == method and record["lam"] is not None:
+            by_lam.setdefault(record["lam"], []).append(record)
+    return {lam: all(choosing.meets_constraint(r, aligned, allowance) for r in group) for lam, group in by_lam.items()}
+
+
+def refine(cfg: SweepConfig, executor, keyed, records: list[dict], bar, search_log: list) -> list[dict]:
+    """After the grid, bisect each λ method between its largest passing λ and the next λ tried, until the gap is
+    within the tolerance. Each round runs every method's next λ (all seeds) in one executor call."""
+    aligned, added = records[0], []
+    while True:
+        wanted = []
+        for method, seeds in lambda_settings(cfg):
+            lam = choosing.refinement_lambda(passes_by_lambda(records + added, method, aligned, cfg.max_asr_increase),
+                                             cfg.tolerance)
+            wanted += [] if lam is None else [merge_trial(cfg, method, lam, seed) for seed in seeds]
+        if not wanted:
+            return added
+        new = executor.run(keyed(wanted), bar.advance)
+        added += new
+        search_log += [{"phase": "refine", "method": r["method"], "seed": r["seed"], "lam": r["lam"],
+                        "meets": choosing.meets_constraint(r, aligned, cfg.max_asr_increase),
+                        "asr_upper": choosing.upper_bounds(r, aligned, cfg.max_asr_increase), "trial": r["key"]}
+                       for r in new]
+
+
 def run_bisection(cfg, group, executor, keyed, aligned, bar, search_log, breaches) -> list[dict]:
     method, seed, has_lambda = group
     if not has_lambda:
@@ -445,7 +499,10 @@ def run_bisection(cfg, group, executor, keyed, aligned, bar, search_log, breache
 
     found = choosing.bisect_lambda(evaluate, meets, tolerance=cfg.tolerance)
     where = f"{method}" + ("" if seed is None else f" seed {seed}")
-    search_log += [{"method": method, "seed": seed, **entry} for entry in found["log"]]
+    by_key = {r["key"]: r for r in evaluated}
+    search_log += [{"phase": "bisect", "method": method, "seed": seed, **entry,
+                    "asr_upper": choosing.upper_bounds(by_key[entry["trial"]], aligned, cfg.max_asr_increase)}
+                   for entry in found["log"]]
     breaches += [f"{where}: {b}" for b in found["breaches"]]
     return evaluated
 
@@ -557,7 +614,8 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
 
         engines = engine_plan(cfg, planned_trials(cfg))
     return {
-        "trials": trials, "search": cfg.search, "methods": cfg.method_list, "lambdas": cfg.lambdas,
+        "trials": trials, "refinement_trials": len(refinement_estimate(cfg)) if cfg.refines else 0,
+        "search": cfg.search, "methods": cfg.method_list, "lambdas": cfg.lambdas,
         "seeds": len(cfg.finetuned), "safety_prompts_per_trial": safety, "task_generations_per_trial": tasks,
         "generations": trials * per_trial, "judge": plan.judge_spec, "judge_calls": judge_calls,
         "max_generated_tokens": generated, "assumed_tokens_per_second": tokens_per_second,
@@ -575,11 +633,19 @@ def estimated_trials(cfg: SweepConfig) -> int:
 def planned_trials(cfg: SweepConfig) -> list[Trial]:
     """The trials a sweep runs; for bisection an estimate (each search's evaluations at a stand-in λ)."""
     if cfg.search == "grid":
-        return baselines(cfg) + grid_trials(cfg)
+        return baselines(cfg) + grid_trials(cfg) + (refinement_estimate(cfg) if cfg.refines else [])
     steps = 1 + math.ceil(math.log2(1 / cfg.tolerance))
     searches = [[merge_trial(cfg, method, 0.5 if has_lambda else None, seed)] * (steps if has_lambda else 1)
                 for method, seed, has_lambda in bisect_groups(cfg)]
     return baselines(cfg) + [t for search in searches for t in search]
+
+
+def refinement_estimate(cfg: SweepConfig) -> list[Trial]:
+    """Stand-ins for the refinement's trials: the bisection of the widest gap of the grid (0 and 1 included)."""
+    points = [0.0, *cfg.lambdas, 1.0]
+    widest = max(b - a for a, b in zip(points, points[1:]))
+    steps = max(0, math.ceil(math.log2(widest / cfg.tolerance) - 1e-9))
+    return [merge_trial(cfg, method, 0.5, seed) for method, seeds in lambda_settings(cfg) for seed in seeds] * steps
 
 
 class Bar:
