@@ -278,10 +278,17 @@ def score_text(group: dict) -> str:
 
 
 def nearest_miss(groups: list[dict], by_key: dict[str, dict], aligned: dict, max_asr_increase: float) -> dict:
-    """The setting whose worst paired upper bound overshoots the allowance the least (unmeasured: infinite)."""
+    """The setting whose worst paired upper bound overshoots the allowance the least (unmeasured: infinite). A set
+    that passes overshoots nothing, even when it passes with a bound over the allowance (no answer newly unsafe)."""
+    def overshoot(check: SetCheck) -> float:
+        if check.upper is None:
+            return math.inf
+        excess = check.upper - max_asr_increase
+        return min(excess, 0.0) if check.passes else excess
+
     def worst(group: dict) -> float:
-        uppers = [u for key in group["trials"] for u in upper_bounds(by_key[key], aligned, max_asr_increase).values()]
-        return max(math.inf if u is None else u - max_asr_increase for u in uppers) if uppers else math.inf
+        checks = [c for key in group["trials"] for c in constraint_checks(by_key[key], aligned, max_asr_increase)]
+        return max(map(overshoot, checks)) if checks else math.inf
 
     return min(groups, key=lambda g: (worst(g), lam_rank(g["lam"])))
 
