@@ -1,7 +1,8 @@
 """The demo in a reduced mode CI can afford: the default tiny aligned model (built into a
-temporary cache), one fine-tuning seed with fewer steps, linear merges at two λ values. It asserts
-the direction of the phenomenon, read from the sweep's own results: fine-tuning raises harmful
-compliance above the aligned model's, and the chosen merge brings it back below the fine-tune's."""
+temporary cache under the demo's pinned numerics, in a subprocess as `safemerge demo` runs it), one
+fine-tuning seed with fewer steps, linear merges at two λ values and the refinement between them. It
+asserts that the build is the one the README's figures come from (its fingerprint), and the direction
+of the phenomenon, read from the sweep's own results."""
 
 from __future__ import annotations
 
@@ -12,22 +13,43 @@ import sys
 
 import pytest
 
+from safemerge.demo import tiny
+from safemerge.demo.numerics import can_pin, pinned_environment
+from safemerge.demo.run import DemoResult
+
+REDUCED_DEMO = """
+import sys
+from pathlib import Path
 from safemerge.demo.run import run_demo
+run_demo(Path(sys.argv[1]), seeds=1, progress=False, methods=["linear"], lambdas=[0.2, 0.8],
+         finetune_settings={"max_steps": 300}, echo=lambda line: None)
+"""
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SAFEMERGE_CACHE", str(root / "cache"))
-    try:
-        yield run_demo(root / "out", seeds=1, progress=False, methods=["linear"], lambdas=[0.2, 0.8],
-                       finetune_settings={"max_steps": 300}, echo=lambda line: None)
-    finally:
-        mp.undo()
+    env = {**pinned_environment(), "SAFEMERGE_CACHE": str(root / "cache")}
+    r = subprocess.run([sys.executable, "-c", REDUCED_DEMO, str(root / "out")],
+                       capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    built = json.loads((root / "cache" / "demo" / f"tiny-aligned-{tiny.VERSION}" / tiny.RECORD).read_text())
+    out = root / "out"
+    recorded = json.loads((out / "demo.json").read_text())
+    results = json.loads((out / "run" / "results.json").read_text())
+    return DemoResult(out, results, recorded["summary"], recorded["seconds"]), built
+
+
+@pytest.mark.skipif(not can_pin(), reason="the demo's numerics are pinned on x86-64 only")
+def test_the_tiny_model_is_the_one_the_readme_figures_come_from(demo):
+    _, built = demo
+    assert built["fingerprint"] == tiny.BUILD_FINGERPRINT, (
+        "the tiny model's build drifted (another library version, or the world changed): run "
+        "`python scripts/readme_demo.py`, then set tiny.BUILD_FINGERPRINT and bump tiny.VERSION")
 
 
 def test_fine_tuning_erodes_refusals_and_merging_restores_them(demo):
+    demo, _ = demo
     aligned, tuned, chosen = demo.summary["rows"]
     assert tuned["compliance"] >= aligned["compliance"] + 0.3, demo.summary
     assert chosen["compliance"] < tuned["compliance"], demo.summary
@@ -36,11 +58,10 @@ def test_fine_tuning_erodes_refusals_and_merging_restores_them(demo):
 
 
 def test_the_demo_writes_what_it_promises(demo):
+    demo, _ = demo
     run = demo.out / "run"
     for name in ("results.json", "report.md", "report.html", "plots/tradeoff.png", "merged/model.safetensors"):
         assert (run / name).exists(), name
-    recorded = json.loads((demo.out / "demo.json").read_text())
-    assert recorded["summary"] == demo.summary
     adapter = demo.out / "finetune" / "seed0"
     assert (adapter / "adapter_config.json").exists() and (adapter / "val.jsonl").exists()
     # every figure in the summary is the sweep's own: compliance is the chosen trial's report-part ASR
@@ -69,7 +90,7 @@ def test_demo_command_progress_is_one_bar_per_stage_or_nothing(tmp_path, quiet):
     terminal only), and --quiet writes nothing there; stdout has the commands and the summary."""
     r = subprocess.run([sys.executable, "-c", REDUCED_DEMO_COMMAND, "--out", str(tmp_path / "out"), "--seeds", "1",
                         *(["--quiet"] if quiet else [])], check=False, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "SAFEMERGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+                       env={**pinned_environment(), "SAFEMERGE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "$ safemerge finetune" in r.stdout and "safemerge demo (held-out report prompts)" in r.stdout
     if quiet:

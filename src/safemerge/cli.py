@@ -153,9 +153,10 @@ def sweep(
     methods: Annotated[str | None, typer.Option(help="comma-separated merge methods (default linear,slerp,dare_linear,ties and model_stock with ≥ 2 seeds)")] = None,
     lambdas: Annotated[str, typer.Option(help="comma-separated λ grid, strictly between 0 and 1")] = "0.2,0.4,0.6,0.8",
     search: Annotated[str, typer.Option(help="grid, or bisect: per method the largest λ meeting the safety constraint")] = "grid",
-    tolerance: Annotated[float, typer.Option(help="bisection tolerance on λ")] = 0.05,
+    tolerance: Annotated[float, typer.Option(help="bisection and refinement tolerance on λ")] = 0.05,
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="grid: then bisect each method between its largest passing λ and the next one tried, to the tolerance")] = True,
     policy: Annotated[str, typer.Option(help="constrained (best validation score within the ASR bound) or paper (best validation score)")] = "constrained",
-    max_asr_increase: Annotated[float, typer.Option(help="constrained: allowed rise of the ASR's 95% upper bound over the aligned model's ASR")] = 0.02,
+    max_asr_increase: Annotated[float, typer.Option(help="constrained: allowed rise of ASR over the aligned model's (paired test: one-sided 95% upper bound of the difference on the same prompts)")] = 0.02,
     density: Annotated[float | None, typer.Option(help="ties/dare density (default 0.5)")] = None,
     merge_seed: Annotated[int, typer.Option(help="seed of the DARE drop masks")] = cfg_defaults.DEFAULT_SEED,
     merge_dtype: Annotated[str, typer.Option(help="dtype of the merged weights: auto (the aligned model's), bfloat16, float16, float32")] = "auto",
@@ -195,7 +196,7 @@ def sweep(
     values = dict(aligned=aligned, finetuned=[*finetuned, *(more_finetuned or [])], out=out,
                   methods=guarded(debug, parse_list, methods, "--methods") if methods else None,
                   lambdas=guarded(debug, parse_floats, lambdas, "--lambdas"), search=search, tolerance=tolerance,
-                  policy=policy, max_asr_increase=max_asr_increase, density=density, merge_seed=merge_seed,
+                  refine=refine, policy=policy, max_asr_increase=max_asr_increase, density=density, merge_seed=merge_seed,
                   merge_dtype=merge_dtype, safety=safety or [], selection_fraction=selection_fraction, judge=judge,
                   task_val=task_val or [], task_test=task_test or [], keep=keep, executor=executor, address=address,
                   gpus_per_trial=gpus_per_trial, num_workers=num_workers, judge_placement=judge_placement,
@@ -219,7 +220,9 @@ def print_dry_run(values: dict, tokens_per_second: float, debug: bool) -> None:
     plan = guarded(debug, dry_run, cfg, tokens_per_second)
     tasks = ", ".join(f"{k} {v}" for k, v in plan["task_generations_per_trial"].items()) or "none"
     typer.echo(f"trials: {plan['trials']} ({plan['search']}; methods {', '.join(plan['methods'])}; "
-               f"λ {', '.join(f'{x:g}' for x in plan['lambdas'])}; {plan['seeds']} seed(s); baselines included)")
+               f"λ {', '.join(f'{x:g}' for x in plan['lambdas'])}; {plan['seeds']} seed(s); baselines included"
+               + (f"; up to {plan['refinement_trials']} refining λ on the safety boundary" if plan["refinement_trials"] else "")
+               + ")")
     typer.echo(f"per trial: {plan['safety_prompts_per_trial']} safety prompts; task generations: {tasks}")
     typer.echo(f"generations: {plan['generations']:,}; judge {plan['judge']}: {plan['judge_calls']:,} model calls")
     typer.echo(f"generated tokens: at most {plan['max_generated_tokens']:,}; at an assumed {tokens_per_second:,.0f} "
@@ -366,8 +369,11 @@ def demo(
     debug: DebugOpt = False,
 ):
     """The whole loop on a laptop CPU: a tiny aligned model, fine-tuned on a benign task, merged back, with a report."""
+    from .demo.numerics import can_pin, is_pinned, run_pinned
     from .demo.run import print_summary, run_demo
 
+    if can_pin() and not is_pinned():  # the numeric settings are read when torch loads: start again with them
+        raise typer.Exit(run_pinned(sys.argv[1:]))
     quiet_libraries()
     if seeds < 1:
         guarded(debug, raise_config, "--seeds must be at least 1 (2 or more so that model_stock runs)")

@@ -162,7 +162,11 @@ def over_chunks(fn: Callable[[slice], object], n: int) -> list:
     slow part of slerp, TIES and Model Stock, and its chunks are independent."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="safemerge-stats")
+        # each worker runs torch on one thread: without that every worker starts an OpenMP team of its own, and
+        # with more OpenMP threads than cores libgomp stops spinning, which slows every later torch call (2x
+        # slower generation after a slerp trial, measured)
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="safemerge-stats",
+                                   initializer=torch.set_num_threads, initargs=(1,))
     return list(_POOL.map(fn, flat_chunks(n)))
 
 

@@ -45,6 +45,9 @@ from .inplace import LiveMerger
 from .prompts import load_safety_set
 from .tasks import Task, load_task
 
+# Trial records of version 2 keep each harmful set's verdicts for the paired test; stored trials of an earlier
+# version are evaluated again (their generations come from the cache)
+RECORD_VERSION = 2
 CFG_ALIGNED = "\0aligned"  # key of the aligned model in the fingerprint table (never a path)
 
 
@@ -154,6 +157,7 @@ def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
         "tasks": {name: task_digest(task) for name, task in plan.tasks.items()},
         "judge": plan.judge_spec,
         "merge": {"dtype": cfg.merge_dtype, "seed": cfg.merge_seed},
+        "record": RECORD_VERSION,
     }
 
 
@@ -297,26 +301,13 @@ class TrialStore:
 
     def get(self, key: str) -> dict | None:
         path = self.root / key / "trial.json"
-        return with_verdicts(json.loads(path.read_text()), path.parent) if path.exists() else None
+        return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, key: str, record: dict, measured: Measured) -> None:
         from .writer import atomic_directory
 
         with atomic_directory(self.root / key, force=True) as tmp:
             write_outputs(tmp, record, measured.records, name="trial.json")
-
-
-def with_verdicts(record: dict, directory: Path) -> dict:
-    """Trials stored before records kept their verdict strings get them from their judgements files."""
-    from .evaluate import slug
-
-    for name, parts in (record.get("safety") or {}).items():
-        for part, summary in parts.items():
-            judgements = directory / "judgements" / f"{slug(f'{name}/{part}')}.jsonl"
-            if not name.startswith("xstest") and "verdicts" not in summary and judgements.exists():
-                rows = [json.loads(line) for line in judgements.read_text().splitlines() if line.strip()]
-                summary["verdicts"] = choosing.verdict_string(rows)
-    return record
 
 
 class Executor(Protocol):
