@@ -1,6 +1,6 @@
 """The demo in a reduced mode CI can afford: the default tiny aligned model (built into a
 temporary cache under the demo's pinned numerics, in a subprocess as `safemerge demo` runs it), one
-fine-tuning seed with fewer steps, linear merges at two λ values and the refinement between them. It
+fine-tuning seed (the demo's own settings), linear merges at two λ values and the refinement between them. It
 asserts that the build is the one the README's figures come from (its fingerprint), and the direction
 of the phenomenon, read from the sweep's own results."""
 
@@ -21,8 +21,7 @@ REDUCED_DEMO = """
 import sys
 from pathlib import Path
 from safemerge.demo.run import run_demo
-run_demo(Path(sys.argv[1]), seeds=1, progress=False, methods=["linear"], lambdas=[0.2, 0.8],
-         finetune_settings={"max_steps": 300}, echo=lambda line: None)
+run_demo(Path(sys.argv[1]), seeds=1, progress=False, methods=["linear"], lambdas=[0.2, 0.8], echo=lambda line: None)
 """
 
 
