@@ -219,8 +219,8 @@ def test_search_log_and_breaches_are_shown(tmp_path):
     assert "## Search log" in md and "## Monotonicity breaches" in md and "Warning: 1 breach" in md
     assert breach in md and html.escape(breach) in page
     search = md_table_rows(md)[2]  # after the paper table and the trials
-    assert search[2] == ["linear", "0", "0.5", "yes", "advbench: 0.100", keys[0][:8]]
-    assert search[3][3] == "no" and len(md_table_rows(md)) == 3
+    assert search[2] == ["bisect", "linear", "0", "0.5", "yes", "advbench: 0.100", keys[0][:8]]
+    assert search[3][4] == "no" and len(md_table_rows(md)) == 3
 
 
 def test_output_is_byte_identical_across_calls_and_directories(written, tmp_path):

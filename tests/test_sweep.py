@@ -196,7 +196,7 @@ def test_run_yaml_and_bad_inputs(inputs, tmp_path):
     config.write_text(
         f"aligned: {inputs['aligned']}\nfinetuned: [{inputs['seeds'][0]}]\nout: {tmp_path / 'run'}\n"
         f"methods: [linear]\nlambdas: [0.5]\nsafety: ['file:{inputs['harmful']}']\njudge: keyword\n"
-        f"task_val: ['gsm8k:{inputs['root'] / 'val.jsonl'}']\nmax_new_tokens: 4\nlimit: 4\nkeep: all\n")
+        f"task_val: ['gsm8k:{inputs['root'] / 'val.jsonl'}']\nmax_new_tokens: 4\nlimit: 4\nkeep: all\nrefine: false\n")
     r = run_cli(["run", str(config), "--quiet"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "run" / "results.json").read_text())["trials"]) == 3
