@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import replace_block
 
 
 def run_demo(work: Path, seeds: int) -> tuple[dict, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import replace_block
 
 
 def stand_ins(work: Path) -> tuple[Path, list[Path]]:

@@ -7,7 +7,6 @@ of the phenomenon, read from the sweep's own results."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

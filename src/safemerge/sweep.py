@@ -12,6 +12,7 @@ sweep stopped at any point and started again redoes no finished trial.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -634,7 +635,7 @@ def planned_trials(cfg: SweepConfig) -> list[Trial]:
 def refinement_estimate(cfg: SweepConfig) -> list[Trial]:
     """Stand-ins for the refinement's trials: the bisection of the widest gap of the grid (0 and 1 included)."""
     points = [0.0, *cfg.lambdas, 1.0]
-    widest = max(b - a for a, b in zip(points, points[1:]))
+    widest = max(b - a for a, b in itertools.pairwise(points))
     steps = max(0, math.ceil(math.log2(widest / cfg.tolerance) - 1e-9))
     return [merge_trial(cfg, method, 0.5, seed) for method, seeds in lambda_settings(cfg) for seed in seeds] * steps
 
