@@ -8,13 +8,16 @@ safety evaluation. The figures are printed, never asserted.
 
     python benchmarks/bench_generation.py
     python benchmarks/bench_generation.py --prompts 64 --batch-sizes 1,8,16,32 --new-tokens 64
+    python benchmarks/bench_generation.py --readme   # also write the README's table (default settings only)
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch-sizes", default="1,4,8,16")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md's bench-generation block")
     args = parser.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
@@ -66,6 +70,7 @@ def main() -> None:
     print(f"{'batch size':>10} {'seconds':>8} {'prompts/s':>10} {'tokens/s':>9} {'speed-up':>9}")
     base = None
     outputs = {}
+    rows = ["| batch size | seconds | prompts/s | tokens/s | speed-up |", "|---:|---:|---:|---:|---:|"]
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         backend = TransformersBackend(model, tokenizer, model_id="bench", batch_size=batch_size)
         backend.generate(requests[:2], GenerationSettings(max_new_tokens=2))  # warm-up
@@ -78,8 +83,16 @@ def main() -> None:
         base = base or seconds
         print(f"{batch_size:>10} {seconds:>8.2f} {args.prompts / seconds:>10.2f} {tokens / seconds:>9.1f} "
               f"{base / seconds:>8.2f}x")
+        rows.append(f"| {batch_size} | {seconds:.2f} | {args.prompts / seconds:.2f} | {tokens / seconds:.0f} | "
+                    f"{base / seconds:.2f}× |")
     same = sum(a == b for a, b in zip(outputs[min(outputs)], outputs[max(outputs)]))
     print(f"responses identical between batch sizes {min(outputs)} and {max(outputs)}: {same}/{args.prompts}")
+    if args.readme:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        from readme_blocks import replace_block
+
+        replace_block("bench-generation", "\n".join(rows) + f"\n\nThe responses are identical at batch sizes "
+                      f"{min(outputs)} and {max(outputs)} ({same}/{args.prompts}).")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,15 @@ def test_demo_command_progress_is_one_bar_per_stage_or_nothing(tmp_path, quiet):
     else:
         stages = [line.split(",")[0] for line in r.stderr.splitlines()]
         assert stages == ["tiny model: helpful", "tiny model: alignment", "training"], r.stderr[-2000:]
+
+
+def test_building_the_tiny_model_leaves_torch_as_it_found_it(tmp_path):
+    """The build's deterministic mode once leaked into the fine-tunes and the sweep that follow it in
+    `safemerge demo`'s process and slowed them by a third."""
+    import torch
+    import torch.utils.deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    tiny.build_tiny_aligned(tmp_path / "tiny", progress=False, size="test")
+    assert (tmp_path / "tiny" / "model.safetensors").exists()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,14 +145,37 @@ def train_steps(model, encoded, size: TinySize, pad: int, seed: int, bar, steps:
 def build_tiny_aligned(out: Path, *, seed: int = 0, progress: bool = True, size: str = "default") -> Path:
     """Train the tiny aligned model and save it to `out` (a Hugging Face directory)."""
     import torch
+
+    chosen = SIZES[size]
+    torch.manual_seed(seed)
+    with deterministic_algorithms():
+        return build_and_save(out, seed, chosen, progress)
+
+
+@contextmanager
+def deterministic_algorithms():
+    """Deterministic kernels for the build only: left on, the flag (and its filling of every new
+    tensor's memory) slowed the fine-tunes and the sweep that follow in the same process by a third."""
+    import torch
+    import torch.utils.deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no kernel reads memory it did not write
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def build_and_save(out: Path, seed: int, chosen: TinySize, progress: bool) -> Path:
     from transformers import GenerationConfig
 
     from ..checkpoints import open_source
     from ..progress import libraries_silenced
 
-    chosen = SIZES[size]
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
     rows = corpus.aligned_corpus(seed)
     texts = [m["content"] for r in rows + corpus.finetune_rows(seed) for m in r["messages"]] + [corpus.SYSTEM_PROMPT]
