@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path("/tmp/safemerge-output-identity")
 VOLATILE_KEYS = {"seconds", "elapsed", "started", "finished", "created", "timestamp", "wall", "total_seconds",
-                 "train_runtime", "train_samples_per_second", "train_steps_per_second", "runtime"}
+                 "train_runtime", "seconds_per_step", "train_samples_per_second", "train_steps_per_second", "runtime"}
 TIME_PATTERNS = [re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"),
                  re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)?( UTC)?"),
                  re.compile(rb"\b\d+(\.\d+)?\s?(s|ms|seconds|min)\b")]

@@ -113,3 +113,24 @@ def test_bfloat16_adapter_rounds_once(tmp_path):
             f = f + (8 / 4) * B @ A
         exact += assert_matches(ours[name], reference("linear", name, w, [f], lam=0.5), name)
     assert exact / sum(t.numel() for t in a.values()) > 0.98
+
+
+def test_an_adapter_fingerprint_ignores_the_order_peft_writes_its_module_set_in(tmp_path):
+    """PEFT writes target_modules from a set, so two saves of one adapter differ in bytes; the
+    fingerprint (and with it every sweep trial's key and cache entry) must not."""
+    import json
+    import shutil
+
+    from safemerge.checkpoints import open_source
+
+    base = build_model("llama")
+    first = lora_adapter(base, tmp_path / "a", seed=5)
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    config = json.loads((second / "adapter_config.json").read_text())
+    config["target_modules"] = list(reversed(config["target_modules"]))
+    (second / "adapter_config.json").write_text(json.dumps(config, indent=4))
+    assert open_source(str(first)).fingerprint() == open_source(str(second)).fingerprint()
+    config["lora_alpha"] = config["lora_alpha"] * 2  # a change of meaning still shows
+    (second / "adapter_config.json").write_text(json.dumps(config))
+    assert open_source(str(first)).fingerprint() != open_source(str(second)).fingerprint()

@@ -377,11 +377,22 @@ class LoraAdapter:
 
     def fingerprint(self) -> str:
         h = xxhash.xxh3_128()
-        for f in sorted({i.file for i in self.files.infos.values()} | {self.path / "adapter_config.json"}):
+        for f in sorted({i.file for i in self.files.infos.values()}):
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
+        h.update(canonical_adapter_config(self.config))
         return "xxh3-128:" + h.hexdigest()
+
+
+# PEFT keeps these as sets and writes them in an order that changes from one Python process to the next
+SET_VALUED = ("target_modules", "exclude_modules")
+
+
+def canonical_adapter_config(config: dict) -> bytes:
+    """adapter_config.json as bytes that depend on its meaning only, not on set order or key order."""
+    fixed = {k: sorted(v) if k in SET_VALUED and isinstance(v, list) else v for k, v in config.items()}
+    return json.dumps(fixed, sort_keys=True).encode()
 
 
 def pattern_value(patterns: dict, module: str, default):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from .checkpoints import SET_VALUED
 from .errors import ConfigError
 from .writer import write_file
 
@@ -533,6 +534,11 @@ def save(trainer, tokenizer, directory: Path, spec: str, full: bool) -> None:
         model.peft_config["default"].base_model_name_or_path = spec
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    if not full:  # the same adapter_config.json bytes in every run (PEFT writes target_modules from a set)
+        config = directory / "adapter_config.json"
+        values = json.loads(config.read_text())
+        values.update({k: sorted(values[k]) for k in SET_VALUED if isinstance(values.get(k), list)})
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def training_history(trainer) -> list[dict]:
