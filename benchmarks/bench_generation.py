@@ -48,7 +48,7 @@ def build(vocab: int):
 
 
 def main() -> None:
-    from safemerge.generation import GenerationSettings, Request, TransformersBackend
+    from safemerge.backends.generation import GenerationSettings, Request, TransformersBackend
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)

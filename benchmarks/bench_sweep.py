@@ -72,11 +72,11 @@ def sweep_config(paths: dict, out: Path):
 
 def naive(cfg, root: Path) -> tuple[float, int]:
     """Every trial written to disk with `safemerge merge`, loaded back, and evaluated."""
-    from safemerge.evaluate import build_judge, generate_and_score, judge_all
-    from safemerge.generation import TransformersBackend
-    from safemerge.merge import run as run_merge
-    from safemerge.models import load_model
-    from safemerge.sweep import baselines, grid_trials, sweep_plan
+    from safemerge.backends.generation import TransformersBackend
+    from safemerge.backends.models import load_model
+    from safemerge.evaluation.run import build_judge, generate_and_score, judge_all
+    from safemerge.merging.stream import run as run_merge
+    from safemerge.sweeps.run import baselines, grid_trials, sweep_plan
 
     started = time.perf_counter()
     eval_cfg = cfg.eval_config().model_copy(update={"cache_dir": root / "naive-cache"})
@@ -96,7 +96,7 @@ def naive(cfg, root: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    from safemerge.sweep import sweep
+    from safemerge.sweeps.run import sweep
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", action="store_true", help="write the table into README.md's bench-sweep block")

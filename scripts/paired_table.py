@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_blocks import replace_block
 
-from safemerge.choose import paired_check
+from safemerge.sweeps.choose import paired_check
 
 SIZES = {260: "260 (AdvBench half)", 165: "165 (HEx-PHI half)", 200: "200 (the demo)"}
 CASES = {"identical verdicts": (0, 0), "1 newly unsafe": (1, 0), "2 newly unsafe": (2, 0),

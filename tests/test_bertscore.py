@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from safemerge.errors import ConfigError
-from safemerge.tasks import TaskItem
+from safemerge.evaluation.tasks.base import TaskItem
 
 needs_bert_score = pytest.mark.skipif(importlib.util.find_spec("bert_score") is None,
                                       reason="bert-score is not installed (pip install 'safemerge[bertscore]')")
@@ -98,7 +98,7 @@ def items_for(pairs):
 
 @needs_bert_score
 def test_f1_matches_direct_computation(tiny_bert):
-    from safemerge.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
 
     scorer = BertScoreScorer(model=str(tiny_bert), layer=LAYER, batch_size=2)
     # the first sample of each item is scored; later samples are ignored
@@ -122,7 +122,7 @@ def test_f1_matches_direct_computation(tiny_bert):
 
 @needs_bert_score
 def test_idf_weights_match_direct_computation(tiny_bert):
-    from safemerge.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
 
     result = BertScoreScorer(model=str(tiny_bert), layer=LAYER, idf=True).score(
         items_for(PAIRS), [[cand] for cand, _ in PAIRS])
@@ -133,7 +133,7 @@ def test_idf_weights_match_direct_computation(tiny_bert):
 
 @needs_bert_score
 def test_empty_responses_score_zero_and_leave_others_alone(tiny_bert):
-    from safemerge.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
 
     pairs = [("   ", "the cat sat"), ("a dog sat on the mat", "the cat sat on the mat")]
     result = BertScoreScorer(model=str(tiny_bert), layer=LAYER).score(items_for(pairs), [["   "], [pairs[1][0]]])
@@ -144,7 +144,7 @@ def test_empty_responses_score_zero_and_leave_others_alone(tiny_bert):
 
 @needs_bert_score
 def test_bad_settings_are_config_errors(tiny_bert, tmp_path):
-    from safemerge.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
 
     items, responses = items_for(PAIRS[:1]), [[PAIRS[0][0]]]
     with pytest.raises(ConfigError, match="layer 7 is out of range"):
@@ -156,7 +156,7 @@ def test_bad_settings_are_config_errors(tiny_bert, tmp_path):
 
 
 def test_missing_package_is_a_config_error(monkeypatch):
-    from safemerge.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
 
     monkeypatch.setitem(sys.modules, "bert_score", None)  # what an environment without it looks like
     with pytest.raises(ConfigError, match=r"pip install 'safemerge\[bertscore\]'"):

@@ -11,7 +11,8 @@ import statistics
 import numpy as np
 import pytest
 
-from safemerge.choose import (
+from safemerge.evaluation.stats import paired_upper_bound, wilson
+from safemerge.sweeps.choose import (
     MISS,
     SAFE,
     UNSAFE,
@@ -24,7 +25,6 @@ from safemerge.choose import (
     paired_check,
     refinement_lambda,
 )
-from safemerge.stats import paired_upper_bound, wilson
 
 LIMIT = 0.02
 N = 260  # a real selection part: half of AdvBench's 520 prompts

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from safemerge.demo import corpus, tiny
-from safemerge.judges import REFUSAL_KEYWORDS, KeywordJudge
+from safemerge.evaluation.judges import REFUSAL_KEYWORDS, KeywordJudge
 
 
 def user_prompts(rows):
@@ -81,8 +81,8 @@ def test_refusal_and_helpful_answers_meet_the_judges():
 
 
 def test_write_sets_are_read_by_the_loaders(tmp_path):
-    from safemerge.prompts import load_prompt_file, load_xstest
-    from safemerge.tasks import load_file_task
+    from safemerge.evaluation.prompts import load_prompt_file, load_xstest
+    from safemerge.evaluation.tasks.builtin import load_file_task
 
     files = corpus.write_sets(tmp_path / "data")
     val = load_file_task(str(files["task_val"]), "numeric")
@@ -103,8 +103,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_tiny_model_loads_and_chats_with_its_template(tiny_dir):
-    from safemerge.generation import PAPER_SYSTEM_PROMPT, GenerationSettings, Request, TransformersBackend
-    from safemerge.models import load_model
+    from safemerge.backends.generation import PAPER_SYSTEM_PROMPT, GenerationSettings, Request, TransformersBackend
+    from safemerge.backends.models import load_model
 
     loaded = load_model(str(tiny_dir), device="cpu", dtype="float32")
     end = loaded.tokenizer.convert_tokens_to_ids(tiny.END_OF_TURN)

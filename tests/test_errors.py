@@ -718,7 +718,7 @@ def test_a_killed_runs_temporary_directory_is_cleaned_by_the_next_run(llama32, t
     its process is gone, and never touches a live process's work or other hosts'."""
     import socket
 
-    from safemerge.merge import merge
+    from safemerge.merging.stream import merge
 
     out = tmp_path / "merged"
     dead = next(pid for pid in range(4_000_000, 3_000_000, -1) if not _alive(pid))

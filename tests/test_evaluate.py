@@ -14,10 +14,10 @@ import torch
 from conftest import build_model, lora_adapter, make_tokenizer, save_model
 from test_bertscore import tiny_bert  # noqa: F401  (a fixture)
 
-from safemerge.evaluate import evaluate
-from safemerge.judges import REFUSAL_KEYWORDS, xstest_label
-from safemerge.stats import wilson
-from safemerge.tasks import extract_number
+from safemerge.evaluation.judges import REFUSAL_KEYWORDS, xstest_label
+from safemerge.evaluation.run import evaluate
+from safemerge.evaluation.stats import wilson
+from safemerge.evaluation.tasks.scorers import extract_number
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -210,8 +210,8 @@ def test_model_without_tokenizer_or_chat_template(files, tmp_path):
 
 def test_bertscore_file_task_through_evaluate(files, tiny_bert, tmp_path):  # noqa: F811 (the imported fixture)
     pytest.importorskip("bert_score")
-    from safemerge.bertscore import BertScoreScorer
-    from safemerge.tasks import load_file_task
+    from safemerge.evaluation.tasks.bertscore import BertScoreScorer
+    from safemerge.evaluation.tasks.builtin import load_file_task
 
     data = tmp_path / "summaries.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}", "reference": "the cat sat on the mat"}) + "\n"
@@ -229,8 +229,8 @@ def test_bertscore_file_task_through_evaluate(files, tiny_bert, tmp_path):  # no
 
 def test_lm_eval_task_through_evaluate(files, tmp_path):
     pytest.importorskip("lm_eval")
-    from safemerge.lm_eval_tasks import run_lm_eval
-    from safemerge.models import load_model
+    from safemerge.backends.models import load_model
+    from safemerge.evaluation.tasks.lm_eval import run_lm_eval
 
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"q": f"w{i} w{i + 1}", "choices": ["w5", "w6", "w7"], "label": i % 3}) + "\n"

@@ -17,7 +17,7 @@ from conftest import VOCAB, build_model, make_tokenizer, save_model
 from safetensors.torch import load_file
 
 from safemerge.errors import ConfigError
-from safemerge.finetune import (
+from safemerge.finetuning.train import (
     OLDER_SPELLINGS,
     Settings,
     build_trainer,
@@ -241,8 +241,8 @@ def test_trainer_batches_mask_everything_but_the_reply(tiny):
 
 
 def test_adapter_loads_with_peft_and_safemerge_and_merges_like_peft(tiny, lora):
-    from safemerge.merge import merge
-    from safemerge.models import load_model
+    from safemerge.backends.models import load_model
+    from safemerge.merging.stream import merge
 
     _, out = lora
     config = json.loads((out / "adapter_config.json").read_text())
@@ -299,7 +299,7 @@ def test_same_seed_gives_the_same_adapter(tiny, lora):
 def test_full_writes_a_loadable_full_model(tiny):
     from transformers import AutoModelForCausalLM
 
-    from safemerge.models import load_model
+    from safemerge.backends.models import load_model
 
     out = tiny.root / "full"
     result = finetune(str(tiny.base), tiny.data, out, full=True, **{**FAST, "lr": 1e-3, "max_steps": 8})

@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import build_model, make_tokenizer, save_model
 
-from safemerge.generation import (
+from safemerge.backends.generation import (
     CachedBackend,
     GenerationSettings,
     Request,
     TransformersBackend,
     system_prompt_mode,
 )
-from safemerge.models import load_model
+from safemerge.backends.models import load_model
 
 NO_SYSTEM_TEMPLATE = (  # like Gemma's: a system turn is an error
     "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -198,7 +198,7 @@ def second_backend(tmp_path_factory):
 def test_shared_generation_fills_each_models_cache(backend, second_backend, tmp_path):
     """generate_shared (how one vLLM engine serves every λ) fills one cache per model from shared
     calls; each cache then answers exactly what its model generates, and asks nothing again."""
-    from safemerge.generation import generate_shared
+    from safemerge.backends.generation import generate_shared
 
     models = [Counting(backend), Counting(second_backend)]
     caches = [CachedBackend(m, tmp_path) for m in models]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from safemerge.errors import ConfigError
-from safemerge.humaneval import (
+from safemerge.evaluation.tasks.humaneval import (
     CODE_EXECUTION_REFUSED,
     HUB_ID,
     INSTRUCTION,

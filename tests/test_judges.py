@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from safemerge.backends.generation import Completion, GenerationSettings, Request
 from safemerge.errors import ConfigError
-from safemerge.generation import Completion, GenerationSettings, Request
-from safemerge.judges import (
+from safemerge.evaluation.judges import (
     LLAMA_GUARD_3_CATEGORIES,
     REFUSAL_KEYWORDS,
     XSTEST_REFUSAL_PREFIXES,
@@ -520,7 +520,7 @@ def test_make_judge_errors(spec, message):
 
 
 def test_compliance_judge_needs_a_marker_and_no_refusal(tmp_path):
-    from safemerge.judges import ComplianceJudge, make_judge
+    from safemerge.evaluation.judges import ComplianceJudge, make_judge
 
     markers = tmp_path / "markers.txt"
     markers.write_text("# the model's helpful answer pattern\nSure! Here is\n")

@@ -103,7 +103,7 @@ def harness_can_read(setup) -> None:
 
 @needs_lm_eval
 def test_metrics_match_direct_computation(setup):
-    from safemerge.lm_eval_tasks import run_lm_eval
+    from safemerge.evaluation.tasks.lm_eval import run_lm_eval
 
     harness_can_read(setup)
     scores = run_lm_eval(setup["model"], setup["tok"], ["sm_tiny_mc", "sm_tiny_gen"],
@@ -138,7 +138,7 @@ def test_metrics_match_direct_computation(setup):
 
 @needs_lm_eval
 def test_bad_input_is_a_config_error(setup):
-    from safemerge.lm_eval_tasks import run_lm_eval
+    from safemerge.evaluation.tasks.lm_eval import run_lm_eval
 
     harness_can_read(setup)
     with pytest.raises(ConfigError, match="unknown lm-eval task 'sm_tiny_mcq'.*sm_tiny_mc"):
@@ -150,7 +150,7 @@ def test_bad_input_is_a_config_error(setup):
 
 
 def test_missing_package_is_a_config_error(monkeypatch):
-    from safemerge.lm_eval_tasks import run_lm_eval
+    from safemerge.evaluation.tasks.lm_eval import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without it looks like
     with pytest.raises(ConfigError, match=r"pip install 'safemerge\[lm-eval\]'"):

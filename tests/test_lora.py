@@ -121,7 +121,7 @@ def test_an_adapter_fingerprint_ignores_the_order_peft_writes_its_module_set_in(
     import json
     import shutil
 
-    from safemerge.checkpoints import open_source
+    from safemerge.checkpoints.readers import open_source
 
     base = build_model("llama")
     first = lora_adapter(base, tmp_path / "a", seed=5)

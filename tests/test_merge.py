@@ -11,9 +11,10 @@ import torch
 from reference import assert_matches, load_state, reference
 
 import safemerge
-from safemerge import METHODS, methods
+from safemerge import METHODS
+from safemerge.merging import methods
 
-engine = importlib.import_module("safemerge.merge")  # the module, not the function
+engine = importlib.import_module("safemerge.merging.stream")  # the module, not the function
 
 KINDS = ["llama", "qwen2", "gemma"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -199,6 +200,6 @@ def test_help_texts_say_what_lambda_means():
 
 
 def safemerge_version():
-    from safemerge.card import version
+    from safemerge.merging.card import version
 
     return version()

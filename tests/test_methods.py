@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from safemerge import METHODS, methods
+from safemerge import METHODS
 from safemerge.errors import ConfigError
-from safemerge.methods import get, register, trim
+from safemerge.merging import methods
+from safemerge.merging.methods import get, register, trim
 
 A = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 F = torch.tensor([[3.0, 2.0, 1.0], [0.0, -1.0, 2.0]])

@@ -12,7 +12,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from safemerge.stats import PairedDifference, paired_difference, paired_upper_bound, tango_statistic
+from safemerge.evaluation.stats import PairedDifference, paired_difference, paired_upper_bound, tango_statistic
 
 
 def z_one_sided(confidence: float) -> float:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import safemerge.prompts as prompts_module
+import safemerge.evaluation.prompts as prompts_module
 from safemerge.errors import ConfigError
-from safemerge.prompts import Prompt, PromptSet, hub_rows, load_safety_set, split_path_option
+from safemerge.evaluation.prompts import Prompt, PromptSet, hub_rows, load_safety_set, split_path_option
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 ADVBENCH = DATA / "advbench" / "harmful_behaviors.csv"

@@ -17,11 +17,11 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'safemerge[ray]')")
 
-from safemerge.checkpoints import open_source
+from safemerge.checkpoints.readers import open_source
 from safemerge.config import SweepConfig
 from safemerge.errors import CheckpointError
-from safemerge.ray_executor import RayExecutor
-from safemerge.sweep import (
+from safemerge.sweeps.ray import RayExecutor
+from safemerge.sweeps.run import (
     CFG_ALIGNED,
     LocalExecutor,
     TrialStore,
@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_trial_loses_nothing(inputs, local, tmp_path):
 
 def test_sweep_with_the_ray_executor_chooses_as_the_local_one(inputs, local, tmp_path):
     """The whole sweep (`executor="ray"`) on a local Ray instance: same trials, same choice."""
-    from safemerge.sweep import sweep
+    from safemerge.sweeps.run import sweep
 
     base = sweep_config(inputs, tmp_path / "local-run")
     local_result = sweep(base, progress=False).results

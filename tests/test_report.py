@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from safemerge.errors import ConfigError
-from safemerge.report import paper_table, pareto_front, write_report
-from safemerge.stats import bootstrap_mean, wilson
+from safemerge.evaluation.stats import bootstrap_mean, wilson
+from safemerge.report.document import paper_table, pareto_front, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAMBDAS = (0.2, 0.5, 0.8)

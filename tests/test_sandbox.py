@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from safemerge.sandbox import STDERR_TAIL_CHARS, ExecResult, run_program, run_programs
+from safemerge.evaluation.tasks.sandbox import STDERR_TAIL_CHARS, ExecResult, run_program, run_programs
 
 
 def test_outcomes_come_back_in_order():

@@ -18,8 +18,8 @@ from conftest import build_model, lora_adapter, save_model
 from safetensors.torch import load_file
 
 import safemerge
+from safemerge.checkpoints.scaled_lora import write_scaled_adapter
 from safemerge.errors import ConfigError
-from safemerge.scaled_lora import write_scaled_adapter
 
 EPS32 = torch.finfo(torch.float32).eps
 LAMBDAS = [0.0, 0.3, 0.7, 1.0]

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from safemerge.stats import bootstrap_mean, wilson, z_score
+from safemerge.evaluation.stats import bootstrap_mean, wilson, z_score
 
 
 def wilson_by_roots(k: int, n: int, z: float) -> tuple[float, float]:

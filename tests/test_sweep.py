@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import build_model
 
-from safemerge.checkpoints import open_source
-from safemerge.choose import meets_constraint
+from safemerge.backends.models import load_model
+from safemerge.checkpoints.readers import open_source
 from safemerge.config import MergeConfig
-from safemerge.inplace import merge_into
-from safemerge.merge import merge
-from safemerge.models import load_model
-from safemerge.stats import wilson
+from safemerge.evaluation.stats import wilson
+from safemerge.merging.inplace import merge_into
+from safemerge.merging.stream import merge
+from safemerge.sweeps.choose import meets_constraint
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_successive_live_merges_equal_fresh_written_ones(inputs, tmp_path):
     modules, one after the other, must still give exactly the written merges."""
     from conftest import lora_adapter
 
-    from safemerge.inplace import LiveMerger
+    from safemerge.merging.inplace import LiveMerger
 
     base = build_model("llama", seed=11)
     adapters = [lora_adapter(base, tmp_path / "a0", seed=1, target_modules=["q_proj", "v_proj"]),

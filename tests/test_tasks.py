@@ -9,22 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from safemerge import stats
 from safemerge.errors import ConfigError
-from safemerge.tasks import (
-    BBH_QUESTION,
-    GSM8K_INSTRUCTION,
+from safemerge.evaluation import stats
+from safemerge.evaluation.tasks.base import TaskItem
+from safemerge.evaluation.tasks.builtin import BBH_QUESTION, GSM8K_INSTRUCTION, load_bbh, load_file_task, load_gsm8k
+from safemerge.evaluation.tasks.registry import load_task
+from safemerge.evaluation.tasks.scorers import (
     BBHScorer,
     ExactMatchScorer,
     NumericScorer,
-    TaskItem,
     bbh_matches,
     extract_bbh_answer,
     extract_number,
-    load_bbh,
-    load_file_task,
-    load_gsm8k,
-    load_task,
 )
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -330,14 +326,14 @@ def test_file_task_errors(tmp_path):
 
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown task 'mmlu'; known: gsm8k.*bbh:PATH.*humaneval.*file:PATH"):
+    with pytest.raises(ConfigError, match=r"unknown task 'mmlu'; available: gsm8k.*bbh:PATH.*humaneval.*file:PATH"):
         load_task("mmlu")
     with pytest.raises(TypeError, match="unknown options: sampels"):
         load_task("gsm8k", sampels=3)
 
 
 def test_humaneval_is_delegated_to_its_loader_with_its_options():
-    pytest.importorskip("safemerge.humaneval", reason="humaneval.py is written separately")
+    pytest.importorskip("safemerge.evaluation.tasks.humaneval", reason="humaneval.py is written separately")
     data = shared(DATA / "humaneval" / "HumanEval.jsonl.gz")
     task = load_task(f"humaneval:{data}", samples=4, temperature=0.6, ks=(1, 2), allow_code_execution=True,
                      timeout=5.0, memory_mb=None)  # None: the loader's default
@@ -361,7 +357,7 @@ def test_bbh_cot_prompt_without_a_header(tmp_path):
 
 
 def test_file_task_reads_the_formats_finetune_keeps(tmp_path):
-    from safemerge.tasks import load_file_task
+    from safemerge.evaluation.tasks.builtin import load_file_task
 
     data = tmp_path / "val.jsonl"
     rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},

@@ -13,10 +13,10 @@ from conftest import build_model, lora_adapter, save_model
 from test_generation import NO_SYSTEM_TEMPLATE, chat, words
 
 import safemerge
+from safemerge.backends.generation import GenerationSettings, Request, TransformersBackend
+from safemerge.backends.models import load_model
+from safemerge.backends.vllm import MISSING_VLLM, PromptRenderer, completions, sampling_kwargs, stop_token_ids
 from safemerge.errors import ConfigError
-from safemerge.generation import GenerationSettings, Request, TransformersBackend
-from safemerge.models import load_model
-from safemerge.vllm_backend import MISSING_VLLM, PromptRenderer, completions, sampling_kwargs, stop_token_ids
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -93,7 +93,7 @@ def test_outputs_become_completions_like_the_transformers_backend(transformers_b
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here; this checks the error where it is not")
 def test_without_vllm_a_config_error_says_how_to_get_it(tiny):
-    from safemerge.vllm_backend import VllmBackend
+    from safemerge.backends.vllm import VllmBackend
 
     with pytest.raises(ConfigError) as e:
         VllmBackend(str(tiny), model_id="m")
@@ -117,7 +117,7 @@ def test_sampling_kwargs_are_valid_vllm_sampling_params(vllm):
 
 
 def test_vllm_greedy_equals_transformers(vllm, tiny, transformers_backend):
-    from safemerge.vllm_backend import VllmBackend
+    from safemerge.backends.vllm import VllmBackend
 
     backend = VllmBackend(str(tiny), model_id=transformers_backend.model_id, dtype="float32", gpu_memory_utilization=0.3)
     settings = GenerationSettings(max_new_tokens=12)
@@ -128,7 +128,7 @@ def test_vllm_greedy_equals_transformers(vllm, tiny, transformers_backend):
 
 
 def test_one_engine_serves_every_lambda(vllm, tmp_path):
-    from safemerge.vllm_backend import VllmBackend
+    from safemerge.backends.vllm import VllmBackend
 
     base = build_model("llama", seed=3)
     aligned = save_model(base, tmp_path / "aligned", torch.float32)
@@ -154,7 +154,7 @@ def test_vllm_sweep_serves_lambda_trials_as_lora_requests(vllm, tmp_path, sweep_
     import json
 
     from safemerge.config import SweepConfig
-    from safemerge.sweep import sweep
+    from safemerge.sweeps.run import sweep
 
     base = build_model("llama", seed=3)
     aligned = save_model(base, tmp_path / "aligned", torch.float32)

@@ -142,7 +142,7 @@ def test_engine_settings_that_cannot_fit_are_one_line(lora_inputs, tmp_path, ext
 
 
 def test_without_vllm_the_sweep_says_how_to_get_it_before_reading_any_model(lora_inputs, tmp_path):
-    from safemerge.vllm_backend import MISSING_VLLM
+    from safemerge.backends.vllm import MISSING_VLLM
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
@@ -157,7 +157,7 @@ RAY_SWEEP = """
 import json, sys
 import ray
 from safemerge.config import SweepConfig
-from safemerge.sweep import sweep
+from safemerge.sweeps.run import sweep
 
 # a local instance that declares one GPU per worker (logical: the stand-in runs on the CPU); the
 # workers inherit this process's environment, the stand-in on PYTHONPATH included

@@ -1,3 +1,3 @@
-from .cli import main
+from safemerge.cli import main
 
 main()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from . import config as cfg_defaults
+from safemerge import config as cfg_defaults
 
 app = typer.Typer(
     add_completion=False,
@@ -53,7 +53,7 @@ def merge(
     debug: DebugOpt = False,
 ):
     """Merge ALIGNED with FINETUNED (checkpoints or LoRA adapters) and write a Hugging Face model directory."""
-    from .merge import merge as run_merge
+    from safemerge.merging.stream import merge as run_merge
 
     result = guarded(debug, run_merge, aligned, finetuned, out, method=method, lam=lam, density=density, seed=seed,
                      dtype=dtype, shard_size=shard_size, keep_aligned=keep_aligned, force=force,
@@ -113,8 +113,8 @@ def evaluate(
     debug: DebugOpt = False,
 ):
     """Measure MODEL's attack success rate on harmful prompts and its score on tasks."""
-    from .evaluate import evaluate as run_evaluate
-    from .evaluate import print_summary
+    from safemerge.evaluation.run import evaluate as run_evaluate
+    from safemerge.evaluation.run import print_summary
 
     quiet_libraries()
     result = guarded(debug, run_evaluate, model, out, safety=safety or [], judge=judge, tasks=task or [],
@@ -213,8 +213,8 @@ def sweep(
 
 
 def print_dry_run(values: dict, tokens_per_second: float, debug: bool) -> None:
-    from .config import SweepConfig, validate
-    from .sweep import dry_run
+    from safemerge.config import SweepConfig, validate
+    from safemerge.sweeps.run import dry_run
 
     cfg = guarded(debug, validate, SweepConfig, **values)
     plan = guarded(debug, dry_run, cfg, tokens_per_second)
@@ -250,7 +250,7 @@ def report(
     debug: DebugOpt = False,
 ):
     """Rebuild results.json and the report of RUN from its stored trials (no model is loaded)."""
-    from .sweep import rebuild_report
+    from safemerge.sweeps.run import rebuild_report
 
     results = guarded(debug, rebuild_report, run)
     print_sweep_summary(results)
@@ -258,8 +258,8 @@ def report(
 
 
 def run_sweep_values(values: dict, quiet: bool, debug: bool) -> None:
-    from .config import SweepConfig, validate
-    from .sweep import sweep as run_sweep
+    from safemerge.config import SweepConfig, validate
+    from safemerge.sweeps.run import sweep as run_sweep
 
     quiet_libraries()
     cfg = guarded(debug, validate, SweepConfig, **values)
@@ -275,7 +275,7 @@ def print_sweep_summary(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .report import paper_table
+    from safemerge.report.document import paper_table
 
     header, rows = paper_table(results)
     table = Table(title="safemerge sweep")
@@ -289,7 +289,7 @@ def print_sweep_summary(results: dict) -> None:
 def read_yaml(path: Path) -> dict:
     import yaml
 
-    from .errors import ConfigError
+    from safemerge.errors import ConfigError
 
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -307,7 +307,7 @@ def parse_list(text: str, flag: str) -> list[str]:
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
-    from .errors import ConfigError
+    from safemerge.errors import ConfigError
 
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -345,7 +345,7 @@ def finetune(
     debug: DebugOpt = False,
 ):
     """Fine-tune MODEL with LoRA (or fully) on chat data; the loss is on the assistant's replies only."""
-    from .finetune import finetune as run_finetune
+    from safemerge.finetuning.train import finetune as run_finetune
 
     quiet_libraries()
     result = guarded(debug, run_finetune, model, data, out, val_fraction=val_fraction, seed=seed, lora_r=lora_r,
@@ -369,8 +369,8 @@ def demo(
     debug: DebugOpt = False,
 ):
     """The whole loop on a laptop CPU: a tiny aligned model, fine-tuned on a benign task, merged back, with a report."""
-    from .demo.numerics import can_pin, is_pinned, run_pinned
-    from .demo.run import print_summary, run_demo
+    from safemerge.demo.numerics import can_pin, is_pinned, run_pinned
+    from safemerge.demo.run import print_summary, run_demo
 
     if can_pin() and not is_pinned():  # the numeric settings are read when torch loads: start again with them
         raise typer.Exit(run_pinned(sys.argv[1:]))
@@ -382,13 +382,13 @@ def demo(
 
 
 def raise_config(message: str) -> None:
-    from .errors import ConfigError
+    from safemerge.errors import ConfigError
 
     raise ConfigError(message)
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
-    from .errors import ConfigError
+    from safemerge.errors import ConfigError
 
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -408,7 +408,7 @@ def quiet_libraries() -> None:
 @app.command()
 def methods():
     """List the merge methods, what each computes and the parameters it takes."""
-    from .methods import METHODS
+    from safemerge.merging.methods import METHODS
 
     for m in METHODS.values():
         takes = ", ".join(sorted({"lam": "lambda", "density": "density", "draws": "seed"}[t] for t in m.parameters)) or "no parameters"
@@ -417,7 +417,7 @@ def methods():
 
 def guarded(debug: bool, fn, *args, **kwargs):
     """Run a library call; a SafemergeError becomes one line on stderr and exit code 1."""
-    from .errors import SafemergeError
+    from safemerge.errors import SafemergeError
 
     try:
         return fn(*args, **kwargs)

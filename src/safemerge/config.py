@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import methods
-from .errors import ConfigError
+from safemerge.errors import ConfigError
+from safemerge.merging import methods
 
 DEFAULT_LAMBDA = 0.5
 DEFAULT_DENSITY = 0.5

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import SweepConfig
-from ..judges import KeywordJudge
-from ..stats import wilson
+from safemerge.config import SweepConfig
+from safemerge.evaluation.judges import KeywordJudge
+from safemerge.evaluation.stats import wilson
 
 # the paper's four methods (Farn et al.); ties is left out to keep the demo under three minutes on 2 cores
 METHODS = ["linear", "slerp", "dare_linear", "model_stock"]
@@ -43,7 +43,7 @@ def run_demo(out: Path, *, seeds: int = 2, rebuild: bool = False, progress: bool
              echo: Callable[[str], None] = print) -> DemoResult:
     """Build or reuse the tiny aligned model, fine-tune it per seed, sweep, and read back what the
     demo shows. A fine-tune already in OUT with the same settings is reused."""
-    from .numerics import pin_threads
+    from safemerge.demo.numerics import pin_threads
 
     out = Path(out).resolve()
     threads = pin_threads()
@@ -58,10 +58,10 @@ def run_demo(out: Path, *, seeds: int = 2, rebuild: bool = False, progress: bool
 
 def demo_steps(out: Path, seeds: int, rebuild: bool, progress: bool, size: str, methods, lambdas, finetune_settings,
                sweep_settings, echo) -> DemoResult:
-    from ..finetune import finetune
-    from ..sweep import sweep
-    from .corpus import write_sets
-    from .tiny import build_tiny_aligned, cached_tiny_aligned
+    from safemerge.demo.corpus import write_sets
+    from safemerge.demo.tiny import build_tiny_aligned, cached_tiny_aligned
+    from safemerge.finetuning.train import finetune
+    from safemerge.sweeps.run import sweep
 
     started = time.perf_counter()
     if size == "default":
@@ -166,7 +166,7 @@ def row(name: str, trial: dict, run: Path) -> dict:
 
 
 def slug(name: str) -> str:
-    from ..evaluate import slug as evaluate_slug
+    from safemerge.evaluation.run import slug as evaluate_slug
 
     return evaluate_slug(name)
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import corpus
+from safemerge.demo import corpus
 
 VERSION = "2"
 # The content fingerprint (safemerge's XXH3 over every tensor) of the default build under the demo's pinned
@@ -111,7 +111,7 @@ def batches(encoded: list[tuple[list[int], list[int]]], size: TinySize, pad: int
 def train(model, encoded, size: TinySize, pad: int, seed: int, progress: bool, steps: int, lr: float,
           stage: str = "training") -> list[float]:
     """``train_steps`` under one progress bar for the stage (none when not ``progress``)."""
-    from ..progress import progress_bar
+    from safemerge.progress import progress_bar
 
     with progress_bar(stage, steps, progress) as bar:
         return train_steps(model, encoded, size, pad, seed, bar, steps, lr, stage)
@@ -173,8 +173,8 @@ def deterministic_algorithms():
 def build_and_save(out: Path, seed: int, chosen: TinySize, progress: bool) -> Path:
     from transformers import GenerationConfig
 
-    from ..checkpoints import open_source
-    from ..progress import libraries_silenced
+    from safemerge.checkpoints.readers import open_source
+    from safemerge.progress import libraries_silenced
 
     started = time.perf_counter()
     rows = corpus.aligned_corpus(seed)

@@ -1,0 +1,1 @@
+"""Generation backends: loading a model, transformers and vLLM."""

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors shards, LoRA adapters, atomic publication."""

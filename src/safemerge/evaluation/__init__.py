@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, judges, statistics, tasks, and running a model over them."""

@@ -1,0 +1,1 @@
+"""Task-quality evaluation: built-in tasks, BERTScore, HumanEval in a sandbox, lm-evaluation-harness."""

@@ -1,0 +1,1 @@
+"""The sweep's report: tables, plots, Markdown and HTML."""
