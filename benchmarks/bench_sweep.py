@@ -76,7 +76,7 @@ def naive(cfg, root: Path) -> tuple[float, int]:
     from safemerge.backends.models import load_model
     from safemerge.evaluation.run import build_judge, generate_and_score, judge_all
     from safemerge.merging.stream import run as run_merge
-    from safemerge.sweeps.run import baselines, grid_trials, sweep_plan
+    from safemerge.sweeps.trials import baselines, grid_trials, sweep_plan
 
     started = time.perf_counter()
     eval_cfg = cfg.eval_config().model_copy(update={"cache_dir": root / "naive-cache"})

@@ -20,17 +20,10 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'safe
 from safemerge.checkpoints.readers import open_source
 from safemerge.config import SweepConfig
 from safemerge.errors import CheckpointError
+from safemerge.sweeps.executors import LocalExecutor
 from safemerge.sweeps.ray import RayExecutor
-from safemerge.sweeps.run import (
-    CFG_ALIGNED,
-    LocalExecutor,
-    TrialStore,
-    baselines,
-    evaluation_identity,
-    grid_trials,
-    sweep_plan,
-    trial_key,
-)
+from safemerge.sweeps.store import TrialStore
+from safemerge.sweeps.trials import CFG_ALIGNED, baselines, evaluation_identity, grid_trials, sweep_plan, trial_key
 
 EVALUATED = re.compile(r"^evaluated ([0-9a-f]{40}) (.+) in \d+\.\ds$")
 

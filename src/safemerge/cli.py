@@ -214,7 +214,7 @@ def sweep(
 
 def print_dry_run(values: dict, tokens_per_second: float, debug: bool) -> None:
     from safemerge.config import SweepConfig, validate
-    from safemerge.sweeps.run import dry_run
+    from safemerge.sweeps.dry_run import dry_run
 
     cfg = guarded(debug, validate, SweepConfig, **values)
     plan = guarded(debug, dry_run, cfg, tokens_per_second)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from safemerge.config import SweepConfig
 from safemerge.errors import ConfigError
 from safemerge.evaluation.run import Measured
-from safemerge.sweeps.run import Trial, TrialStore, trial_of
+from safemerge.sweeps.store import TrialStore
+from safemerge.sweeps.trials import Trial, trial_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -48,7 +49,7 @@ class TrialWorker:
     def __init__(self, cfg_json: dict, env: dict[str, str], threads: int, judge_actor=None):
         import torch
 
-        from safemerge.sweeps.run import TrialRunner
+        from safemerge.sweeps.runner import TrialRunner
 
         os.environ.update(env)
         torch.set_num_threads(threads)  # no more threads than the CPUs Ray reserved for this actor

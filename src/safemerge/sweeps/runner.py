@@ -1,0 +1,139 @@
+"""Running one trial: its weights set in place on the loaded model, evaluated, recorded."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from safemerge.backends.generation import TransformersBackend
+from safemerge.config import SweepConfig
+from safemerge.evaluation.run import (
+    Measured,
+    build_judge,
+    generate_and_score,
+    generation_cache,
+    generation_jobs,
+    jsonable,
+    judge_all,
+    release,
+)
+from safemerge.merging.inplace import LiveMerger
+from safemerge.sweeps import choose as choosing
+from safemerge.sweeps.trials import Trial, sweep_plan
+
+
+class LiveTrialModels:
+    """The transformers path: the aligned model in memory, each trial's weights set in place by the
+    merge stream that `safemerge merge` runs (bit for bit its output, same content fingerprint)."""
+
+    def __init__(self, cfg: SweepConfig, device: str):
+        from safemerge.backends.models import load_model
+
+        self.cfg = cfg
+        self.live = load_model(cfg.aligned, device=device, dtype=cfg.dtype, chat_template=cfg.chat_template,
+                               allow_pickle=cfg.allow_pickle)
+        self.merger = LiveMerger(self.live.model)
+
+    def order(self, trials: list[Trial]) -> list[Trial]:
+        return trials
+
+    def prefetch(self, trials, jobs, cache) -> int:
+        """Nothing to share: one model is in memory at a time."""
+        return 0
+
+    def backend(self, trial: Trial) -> tuple[TransformersBackend, str]:
+        fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
+        return TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
+                                   batch_size=self.cfg.batch_size), fingerprint
+
+    def close(self) -> None:
+        self.live = self.merger = None
+
+
+class TrialRunner:
+    """What one process needs to run trials, loaded once: the trial models' source (the aligned
+    model in memory, or vLLM engines), the evaluation plan and the judge."""
+
+    def __init__(self, cfg: SweepConfig, status: Callable[[str], None] = lambda text: None, judge=None):
+        """``judge``: a judge held elsewhere (a shared Ray actor); by default one is built here."""
+        from safemerge.backends.models import pick_device
+
+        self.cfg = cfg
+        self.eval_cfg = cfg.eval_config()
+        self.device = pick_device(cfg.device)
+        self.plan = sweep_plan(cfg, self.device)
+        if cfg.backend == "vllm":
+            from safemerge.sweeps.vllm import VllmTrialModels
+
+            self.models = VllmTrialModels(cfg)
+        else:
+            self.models = LiveTrialModels(cfg, self.device)
+        self.judge = judge
+        self.status = status
+
+    def prepare(self, items: list[tuple[Trial, str]], log: Callable[[str], None]) -> list[tuple[Trial, str]]:
+        """The order to run these trials in; the generations they can share are made now."""
+        order = {trial: k for k, trial in enumerate(self.models.order([t for t, _ in items]))}
+        items = sorted(items, key=lambda item: order[item[0]])
+        self.status(f"generating for {len(items)} trials")
+        started = time.perf_counter()
+        shared = self.models.prefetch([t for t, _ in items], generation_jobs(self.plan, self.eval_cfg),
+                                      lambda backend: generation_cache(backend, self.eval_cfg))
+        if shared:
+            log(f"generated for {shared} trials in shared engine calls in {time.perf_counter() - started:.1f}s")
+        return items
+
+    def run(self, trial: Trial) -> tuple[dict, Measured]:
+        started = time.perf_counter()
+        self.status(f"{trial.label}: merging")
+        backend, fingerprint = self.models.backend(trial)
+        merged = time.perf_counter()
+        self.status(f"{trial.label}: generating")
+        measured = generate_and_score(backend, self.plan, self.eval_cfg, lambda description, total: lambda n: None)
+        generated = time.perf_counter()
+        if self.judge is None:
+            self.judge = build_judge(self.plan.judge_spec, self.eval_cfg, self.device)
+        self.status(f"{trial.label}: judging")
+        judge_all(measured, self.plan, self.judge, lambda description, total: lambda n: None)
+        seconds = {"merge": merged - started, "generate": generated - merged,
+                   "judge": sum(v for k, v in measured.seconds.items() if k.startswith("judge/")),
+                   "score": sum(v for k, v in measured.seconds.items() if k.startswith("score/")),
+                   "total": time.perf_counter() - started}
+        seconds["generate"] -= seconds["score"]  # scoring happens inside generate_and_score
+        generated_by = f"{backend.name} {backend.precision}"
+        return trial_record(trial, fingerprint, generated_by, measured, seconds), measured
+
+    def close(self) -> None:
+        """Free the models (engines are shut down), and the judge's."""
+        self.models.close()
+        judge_backend = getattr(self.judge, "backend", None)
+        if judge_backend is not None:
+            release(getattr(judge_backend, "backend", judge_backend))  # inside its cache
+        self.judge = None
+
+
+def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Measured, seconds: dict) -> dict:
+    safety: dict[str, dict] = {}
+    for name, record in measured.safety.items():
+        base, part = name.rsplit("/", 1)
+        kept = {k: v for k, v in record.items() if k not in ("generation", "source", "responses", "judgements")}
+        if not base.startswith("xstest"):  # the paired safety test compares verdicts prompt by prompt
+            kept["verdicts"] = choosing.verdict_string(measured.records[record["judgements"]])
+        safety.setdefault(base, {})[part] = kept
+    tasks: dict[str, dict] = {"val": {}, "test": {}}
+    for name, record in measured.tasks.items():
+        role, task = name.split("/", 1)
+        tasks[role][task] = {"primary": record["primary"], "metrics": record["metrics"], "n": record["n"]}
+    record = {"kind": trial.kind, "method": trial.method, "lam": trial.lam, "density": trial.density, "seed": trial.seed,
+              "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint,
+              "generated_by": generated_by, "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
+              "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    return jsonable(record)
+
+
+def mean_primary(tasks: dict[str, dict]) -> float | None:
+    values = [t["metrics"][t["primary"]].value for t in tasks.values()]
+    if not values or any(v is None or math.isnan(v) for v in values):
+        return None
+    return math.fsum(values) / len(values)
