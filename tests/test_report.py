@@ -15,7 +15,9 @@ import pytest
 
 from safemerge.errors import ConfigError
 from safemerge.evaluation.stats import bootstrap_mean, wilson
-from safemerge.report.document import paper_table, pareto_front, write_report
+from safemerge.report.document import write_report
+from safemerge.report.plots import pareto_front
+from safemerge.report.tables import paper_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAMBDAS = (0.2, 0.5, 0.8)

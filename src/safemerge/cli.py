@@ -275,7 +275,7 @@ def print_sweep_summary(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from safemerge.report.document import paper_table
+    from safemerge.report.tables import paper_table
 
     header, rows = paper_table(results)
     table = Table(title="safemerge sweep")
