@@ -17,17 +17,10 @@ from conftest import VOCAB, build_model, make_tokenizer, save_model
 from safetensors.torch import load_file
 
 from safemerge.errors import ConfigError
-from safemerge.finetuning.train import (
-    OLDER_SPELLINGS,
-    Settings,
-    build_trainer,
-    finetune,
-    lora_targets,
-    numerics,
-    planned_steps,
-    read_examples,
-    split,
-)
+from safemerge.finetuning.data import read_examples, split
+from safemerge.finetuning.settings import Settings
+from safemerge.finetuning.train import finetune
+from safemerge.finetuning.trainer import OLDER_SPELLINGS, build_trainer, lora_targets, numerics, planned_steps
 
 # A template made of words the WordLevel tokenizer knows (w88..w91 mark the roles, </s> ends
 # a turn), so no token of the training text is <unk>.
