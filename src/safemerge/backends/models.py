@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safemerge.checkpoints.readers import LoraAdapter, open_source, tokenizer_files
+from safemerge.checkpoints.lora import LoraAdapter
+from safemerge.checkpoints.readers import open_source, tokenizer_files
 from safemerge.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from safemerge.checkpoints.readers import TensorFiles, load_json, open_adapter
+from safemerge.checkpoints.files import TensorFiles, load_json
+from safemerge.checkpoints.lora import open_adapter
 from safemerge.checkpoints.writer import atomic_directory, copy_file, write_file
 from safemerge.errors import CheckpointError, ConfigError
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from safemerge.checkpoints.readers import DTYPE_NAMES
+from safemerge.checkpoints.files import DTYPE_NAMES
 from safemerge.errors import ConfigError, SafemergeError
 
 SYNC_EVERY = 256 << 20  # start writeback every 256 MiB instead of all at the end

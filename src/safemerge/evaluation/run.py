@@ -125,7 +125,8 @@ def release(backend: Backend) -> None:
 def vllm_backend(cfg: EvalConfig, spec: str, judge: bool):
     """A vLLM engine on a model directory, or on a LoRA adapter's base with the adapter as a request."""
     from safemerge.backends.vllm import VllmBackend, lora_rank_slot
-    from safemerge.checkpoints.readers import LoraAdapter, open_source, resolve
+    from safemerge.checkpoints.lora import LoraAdapter
+    from safemerge.checkpoints.readers import open_source, resolve
     from safemerge.checkpoints.scaled_lora import adapter_rank
 
     source = open_source(spec, allow_pickle=False)

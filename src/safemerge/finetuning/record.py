@@ -10,7 +10,7 @@ from dataclasses import asdict, is_dataclass
 from enum import Enum
 from pathlib import Path
 
-from safemerge.checkpoints.readers import SET_VALUED
+from safemerge.checkpoints.lora import SET_VALUED
 from safemerge.finetuning.settings import FinetuneResult, Settings, base_spec
 from safemerge.finetuning.trainer import numerics, supported
 

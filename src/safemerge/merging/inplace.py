@@ -15,7 +15,7 @@ import torch
 import xxhash
 from torch import Tensor
 
-from safemerge.checkpoints.readers import combine_digests
+from safemerge.checkpoints.files import combine_digests
 from safemerge.config import MergeConfig
 from safemerge.errors import IncompatibleModelsError
 from safemerge.merging.plan import MergePlan, TensorPlan, plan_merge

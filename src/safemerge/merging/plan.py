@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from safemerge.checkpoints.readers import Checkpoint, LoraAdapter, open_source, tokenizer_files
+from safemerge.checkpoints.lora import LoraAdapter
+from safemerge.checkpoints.readers import Checkpoint, open_source, tokenizer_files
 from safemerge.config import MergeConfig
 from safemerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from safemerge.merging import methods

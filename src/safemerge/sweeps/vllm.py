@@ -20,7 +20,8 @@ from pathlib import Path
 
 from safemerge.backends.generation import Backend, CachedBackend, GenerationSettings, Request, generate_shared
 from safemerge.backends.vllm import LORA_RANK_SLOTS, VllmBackend, lora_rank_slot
-from safemerge.checkpoints.readers import LoraAdapter, open_source
+from safemerge.checkpoints.lora import LoraAdapter
+from safemerge.checkpoints.readers import open_source
 from safemerge.checkpoints.scaled_lora import adapter_fingerprint
 from safemerge.config import SweepConfig
 
