@@ -12,19 +12,8 @@ import numpy as np
 import pytest
 
 from safemerge.evaluation.stats import paired_upper_bound, wilson
-from safemerge.sweeps.choose import (
-    MISS,
-    SAFE,
-    UNSAFE,
-    bisect_lambda,
-    choose,
-    constraint_detail,
-    grid_answer,
-    meets_constraint,
-    monotonicity_breaches,
-    paired_check,
-    refinement_lambda,
-)
+from safemerge.sweeps.bisection import bisect_lambda, grid_answer, monotonicity_breaches, refinement_lambda
+from safemerge.sweeps.choose import MISS, SAFE, UNSAFE, choose, constraint_detail, meets_constraint, paired_check
 
 LIMIT = 0.02
 N = 260  # a real selection part: half of AdvBench's 520 prompts

@@ -27,10 +27,9 @@ from safemerge.evaluation.judges import (
     WildGuardJudge,
     XSTestKeywordJudge,
     make_judge,
-    safety_summary,
     xstest_label,
-    xstest_summary,
 )
+from safemerge.evaluation.rates import safety_summary, xstest_summary
 
 SHARED = Path(__file__).parents[2] / "shared"
 REFERENCE = SHARED / "reference" / "judges-and-refusal-keywords.md"

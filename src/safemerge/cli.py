@@ -113,8 +113,8 @@ def evaluate(
     debug: DebugOpt = False,
 ):
     """Measure MODEL's attack success rate on harmful prompts and its score on tasks."""
+    from safemerge.evaluation.console import print_summary
     from safemerge.evaluation.run import evaluate as run_evaluate
-    from safemerge.evaluation.run import print_summary
 
     quiet_libraries()
     result = guarded(debug, run_evaluate, model, out, safety=safety or [], judge=judge, tasks=task or [],

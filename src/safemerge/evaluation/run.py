@@ -14,10 +14,8 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +30,9 @@ from safemerge.backends.generation import (
 from safemerge.config import EvalConfig, validate
 from safemerge.errors import ConfigError
 from safemerge.evaluation import judges as judging
+from safemerge.evaluation.console import progress_bar
 from safemerge.evaluation.prompts import PromptSet, load_safety_set
+from safemerge.evaluation.rates import safety_summary, xstest_summary
 from safemerge.evaluation.stats import Estimate
 from safemerge.evaluation.tasks.base import Task, TaskScore
 from safemerge.evaluation.tasks.registry import load_task
@@ -143,9 +143,6 @@ def vllm_backend(cfg: EvalConfig, spec: str, judge: bool):
     return VllmBackend(str(resolve(spec)), model_id=fingerprint, **options), fingerprint
 
 
-# --- planning ------------------------------------------------------------------------------
-
-
 def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
     safety = unique_names((s.limit(cfg.limit) if cfg.limit else s) for s in map(load_safety_set, cfg.safety))
     tasks, lm_eval = [], []
@@ -185,9 +182,6 @@ def unique_names(items) -> dict:
             name, k = f"{item.name}#{k}", k + 1
         named[name] = item
     return named
-
-
-# --- generation and scoring ----------------------------------------------------------------
 
 
 def safety_settings(cfg: EvalConfig) -> GenerationSettings:
@@ -283,9 +277,6 @@ def response_row(c: Completion, prompt: str) -> dict:
             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
 
 
-# --- judging -------------------------------------------------------------------------------
-
-
 def build_judge(spec: str, cfg: EvalConfig, device: str) -> judging.Judge:
     from safemerge.backends.models import load_model
 
@@ -313,10 +304,10 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
                          [c.response for c in completions])
         advance(len(completions))
         if is_xstest(pset):
-            record.update(judging.xstest_summary([p.label for p in pset.prompts], verdicts))
+            record.update(xstest_summary([p.label for p in pset.prompts], verdicts))
         else:
             categories = [p.category for p in pset.prompts]
-            record.update(judging.safety_summary(verdicts, categories if any(categories) else None))
+            record.update(safety_summary(verdicts, categories if any(categories) else None))
         record["judge"] = verdict_judge.name
         record["responses"] = f"responses/{slug(name)}.jsonl"
         record["judgements"] = f"judgements/{slug(name)}.jsonl"
@@ -325,9 +316,6 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
 
 def is_xstest(pset: PromptSet) -> bool:
     return pset.name.split("/")[0] == "xstest"
-
-
-# --- results -------------------------------------------------------------------------------
 
 
 def results_record(cfg: EvalConfig, plan: EvalPlan, model: dict, measured: Measured, judge, invoked_as) -> dict:
@@ -393,60 +381,3 @@ def cache_root(cfg: EvalConfig) -> Path:
     if os.environ.get("SAFEMERGE_CACHE"):
         return Path(os.environ["SAFEMERGE_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safemerge"
-
-
-# --- terminal output -----------------------------------------------------------------------
-
-
-@contextmanager
-def progress_bar(enabled: bool):
-    """Yield bar(description, total) -> advance(n): one line per phase, with prompts/s and ETA."""
-    if not (enabled and sys.stderr.isatty()):
-        yield lambda description, total: (lambda n: None)
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return f"{task.speed or 0:.2f} prompts/s"
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), Rate(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as progress:
-        def bar(description: str, total: int):
-            task = progress.add_task(description, total=total)
-            return lambda n: progress.advance(task, n)
-        yield bar
-
-
-def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
-    """(set, metric, value [95% interval], notes) for the terminal table."""
-    rows = []
-    for name, r in results["safety"].items():
-        for metric in ("asr", "over_refusal", "unsafe_compliance"):
-            if metric in r:
-                est = r[metric]
-                notes = f"n={r.get('n')}" + (f", {r['parse_errors']} parse errors" if r.get("parse_errors") else "")
-                rows.append((name, metric.upper() if metric == "asr" else metric.replace("_", "-"), format_estimate(est), notes))
-    for name, r in results["tasks"].items():
-        for metric, est in r["metrics"].items():
-            rows.append((name, metric, format_estimate(est), f"n={r['n']}"))
-    return rows
-
-
-def format_estimate(est: dict) -> str:
-    if est["value"] is None:  # nothing could be judged
-        return "n/a"
-    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
-
-
-def print_summary(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{results['model']['spec']}  (judge: {results['judge']['name']})")
-    for column in ("set", "metric", "value [95% CI]", "notes"):
-        table.add_column(column)
-    for row in summary_rows(results):
-        table.add_row(*row)
-    Console().print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from safemerge.config import SweepConfig
 from safemerge.sweeps import choose as choosing
+from safemerge.sweeps.bisection import bisect_lambda, refinement_lambda
 from safemerge.sweeps.trials import merge_trial
 
 
@@ -44,7 +45,7 @@ def refine(cfg: SweepConfig, executor, keyed, records: list[dict], bar, search_l
     while True:
         wanted = []
         for method, seeds in lambda_settings(cfg):
-            lam = choosing.refinement_lambda(passes_by_lambda(records + added, method, aligned, cfg.max_asr_increase),
+            lam = refinement_lambda(passes_by_lambda(records + added, method, aligned, cfg.max_asr_increase),
                                              cfg.tolerance)
             wanted += [] if lam is None else [merge_trial(cfg, method, lam, seed) for seed in seeds]
         if not wanted:
@@ -71,7 +72,7 @@ def run_bisection(cfg, group, executor, keyed, aligned, bar, search_log, breache
     def meets(record: dict) -> bool:
         return choosing.meets_constraint(record, aligned, cfg.max_asr_increase)
 
-    found = choosing.bisect_lambda(evaluate, meets, tolerance=cfg.tolerance)
+    found = bisect_lambda(evaluate, meets, tolerance=cfg.tolerance)
     where = f"{method}" + ("" if seed is None else f" seed {seed}")
     by_key = {r["key"]: r for r in evaluated}
     search_log += [{"phase": "bisect", "method": method, "seed": seed, **entry,

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safemerge.evaluation.run import (
-    Measured,
-    write_outputs,
-)
+from safemerge.evaluation.run import Measured, write_outputs
 
 
 class TrialStore:

@@ -10,11 +10,7 @@ from pathlib import Path
 from safemerge.config import MergeConfig, SweepConfig
 from safemerge.errors import ConfigError
 from safemerge.evaluation.prompts import load_safety_set
-from safemerge.evaluation.run import (
-    EvalPlan,
-    resolve_judge,
-    unique_names,
-)
+from safemerge.evaluation.run import EvalPlan, resolve_judge, unique_names
 from safemerge.evaluation.tasks.base import Task
 from safemerge.evaluation.tasks.registry import load_task
 

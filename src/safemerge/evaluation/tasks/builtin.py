@@ -8,8 +8,14 @@ from pathlib import Path
 from safemerge.errors import ConfigError
 from safemerge.evaluation.prompts import existing_file, field_text, hub_rows, read_jsonl
 from safemerge.evaluation.tasks.base import Task, TaskItem
-from safemerge.evaluation.tasks.scorers import (FILE_SCORERS, BBHScorer, NumericScorer, extract_number, make_scorer,
-                                                number_after_mark)
+from safemerge.evaluation.tasks.scorers import (
+    FILE_SCORERS,
+    BBHScorer,
+    NumericScorer,
+    extract_number,
+    make_scorer,
+    number_after_mark,
+)
 
 # --- loaders ------------------------------------------------------------------------------------
 
