@@ -74,7 +74,7 @@ def test_the_demo_writes_what_it_promises(demo):
 REDUCED_DEMO_COMMAND = """
 import functools, sys
 import safemerge.demo.run as run
-from safemerge.cli import main
+from safemerge.cli.main import main
 run.run_demo = functools.partial(run.run_demo, size="test", methods=["linear"], lambdas=[0.5],
                                  finetune_settings={"max_steps": 20}, sweep_settings={"max_new_tokens": 8, "limit": 8})
 sys.argv = ["safemerge", "demo", *sys.argv[1:]]

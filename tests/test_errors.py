@@ -438,7 +438,7 @@ def raises_with_debug(c: Case) -> None:
     In-process: a second subprocess per case would double this module's time."""
     from typer.testing import CliRunner
 
-    from safemerge.cli import app
+    from safemerge.cli.main import app
 
     r = CliRunner().invoke(app, ["merge", *map(str, c.args), "--out", str(c.out), "--quiet", "--debug"])
     assert isinstance(r.exception, safemerge.SafemergeError) and r.exit_code != 0, (r.exception, r.output)

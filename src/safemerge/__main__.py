@@ -1,3 +1,3 @@
-from safemerge.cli import main
+from safemerge.cli.main import main
 
 main()

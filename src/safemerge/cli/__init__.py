@@ -1,0 +1,1 @@
+"""The `safemerge` command line: one module per command group, options defined once, one error boundary."""
