@@ -8,7 +8,8 @@ The inputs are built from seeds (the test suite's tiny Llama, fine-tuned copies,
 adapter, small prompt and task files) under a fixed directory, so absolute paths inside the outputs
 are the same in every run. Each command runs as a user runs it (`python -m safemerge ...`, pinned
 numerics for the demo). The manifest maps each output file to its SHA-256. Wall-clock figures
-(JSON fields named in VOLATILE_KEYS, "in 1.2s" / "12 s" in logs and reports, ISO timestamps) are
+(JSON fields named in VOLATILE_KEYS, "in 1.2s" / "12 s" in logs and reports, the seconds column of
+the report's trials table, ISO timestamps) are
 the only thing masked: they differ between two runs of the same code. Everything else must match
 byte for byte.
 """
@@ -31,7 +32,10 @@ VOLATILE_KEYS = {"seconds", "elapsed", "started", "finished", "created", "timest
                  "train_runtime", "seconds_per_step", "train_samples_per_second", "train_steps_per_second", "runtime"}
 TIME_PATTERNS = [re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"),
                  re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)?( UTC)?"),
-                 re.compile(rb"\b\d+(\.\d+)?\s?(s|ms|seconds|min)\b")]
+                 re.compile(rb"\b\d+(\.\d+)?\s?(s|ms|seconds|min)\b"),
+                 # the report's trials table ends with a "seconds" column, the only cells with one decimal
+                 re.compile(rb"\| (\*\*)?\d+\.\d(\*\*)? \|$", re.M),
+                 re.compile(rb"<td>(<strong>|<b>)?\d+\.\d(</strong>|</b>)?</td></tr>")]
 REDUCED_DEMO = """
 import sys
 from pathlib import Path

@@ -503,7 +503,7 @@ def test_make_judge_touches_no_backend_before_judging():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("gpt4", r"unknown judge 'gpt4'; use one of keyword, keyword:FILE, compliance:FILE, wildguard\[:MODEL\], llamaguard\[:MODEL\]"),
+    ("gpt4", r"unknown judge 'gpt4'; available: keyword, keyword:FILE, compliance:FILE, wildguard\[:MODEL\], llamaguard\[:MODEL\]"),
     ("WildGuard", "unknown judge 'WildGuard'"),
     ("", "unknown judge ''"),
     ("wildguard:", "names no model"),

@@ -223,7 +223,7 @@ def test_xstest_errors(tmp_path):
 
 
 def test_unknown_set_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown safety prompt set 'harmbench'; known: advbench.*hexphi.*xstest.*file"):
+    with pytest.raises(ConfigError, match=r"unknown safety prompt set 'harmbench'; available: advbench.*hexphi.*xstest.*file"):
         load_safety_set("harmbench")
 
 

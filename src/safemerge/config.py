@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError
+from safemerge.evaluation.judges import is_model_judge, judge_name
 from safemerge.merging import methods
 
 DEFAULT_LAMBDA = 0.5
@@ -266,9 +267,9 @@ class SweepConfig(BaseModel):
         if self.judge_placement == "shared":
             if self.executor != "ray":
                 raise ValueError("--judge-placement shared places the judge on a Ray actor: add --executor ray")
-            if self.judge.split(":")[0] in ("keyword", "compliance"):
+            if not is_model_judge(self.judge):
                 raise ValueError(f"--judge-placement shared is for a judge model (wildguard, llamaguard); "
-                                 f"the {self.judge.split(':')[0]} judge runs in each worker at no cost")
+                                 f"the {judge_name(self.judge)} judge runs in each worker at no cost")
         return self
 
     @model_validator(mode="after")

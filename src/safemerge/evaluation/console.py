@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from safemerge.evaluation.stats import format_estimate
+
 
 @contextmanager
 def progress_bar(enabled: bool):
@@ -40,12 +42,6 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         for metric, est in r["metrics"].items():
             rows.append((name, metric, format_estimate(est), f"n={r['n']}"))
     return rows
-
-
-def format_estimate(est: dict) -> str:
-    if est["value"] is None:  # nothing could be judged
-        return "n/a"
-    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
 
 
 def print_summary(results: dict) -> None:

@@ -378,25 +378,50 @@ class LlamaGuardJudge:
         return [self.parse(output) for output in generate_outputs(self.backend, requests)]
 
 
+def _keyword(argument: str | None, backend_for) -> Judge:
+    return KeywordJudge.from_file(argument) if argument is not None else KeywordJudge()
+
+
+def _compliance(argument: str | None, backend_for) -> Judge:
+    if argument is None:
+        raise ConfigError("the compliance judge needs its markers: compliance:FILE, one marker per line")
+    return ComplianceJudge.from_file(argument)
+
+
+def _wildguard(argument: str | None, backend_for) -> Judge:
+    model = argument or DEFAULT_MODELS["wildguard"]
+    return WildGuardJudge(backend_for(model), model=model)
+
+
+def _llamaguard(argument: str | None, backend_for) -> Judge:
+    model = argument or DEFAULT_MODELS["llamaguard"]
+    return LlamaGuardJudge(backend_for(model), model=model)
+
+
+# name -> builder(argument after ':' or None, backend_for); the text judges need no model
+JUDGES: dict[str, Callable[[str | None, Callable[[str], Backend]], Judge]] = {
+    "keyword": _keyword, "compliance": _compliance, "wildguard": _wildguard, "llamaguard": _llamaguard}
+TEXT_JUDGES = ("keyword", "compliance")
+
+
+def judge_name(spec: str) -> str:
+    return spec.strip().partition(":")[0]
+
+
+def is_model_judge(spec: str) -> bool:
+    """Whether the judge SPEC runs a model (WildGuard, Llama Guard; and auto, which may pick one)."""
+    return judge_name(spec) not in TEXT_JUDGES
+
+
 def make_judge(spec: str, backend_for: Callable[[str], Backend]) -> Judge:
-    """A judge from its spec: keyword, keyword:FILE, wildguard[:MODEL] or llamaguard[:MODEL].
+    """A judge from its spec: keyword, keyword:FILE, compliance:FILE, wildguard[:MODEL] or llamaguard[:MODEL].
 
     backend_for(model_spec) gives the generation backend that runs a judge model.
     """
     name, colon, argument = spec.strip().partition(":")
+    if name not in JUDGES:
+        raise ConfigError(f"unknown judge '{spec}'; available: {KNOWN_JUDGES}")
     if colon and not argument.strip():
         raise ConfigError(f"judge '{spec}' names no {'file' if name == 'keyword' else 'model'} after ':'; "
                           f"use one of {KNOWN_JUDGES}")
-    if name == "keyword":
-        return KeywordJudge.from_file(argument) if colon else KeywordJudge()
-    if name == "compliance":
-        if not colon:
-            raise ConfigError("the compliance judge needs its markers: compliance:FILE, one marker per line")
-        return ComplianceJudge.from_file(argument)
-    if name == "wildguard":
-        model = argument.strip() or DEFAULT_MODELS["wildguard"]
-        return WildGuardJudge(backend_for(model), model=model)
-    if name == "llamaguard":
-        model = argument.strip() or DEFAULT_MODELS["llamaguard"]
-        return LlamaGuardJudge(backend_for(model), model=model)
-    raise ConfigError(f"unknown judge '{spec}'; use one of {KNOWN_JUDGES}")
+    return JUDGES[name](argument.strip() if colon else None, backend_for)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +46,11 @@ class Prompt:
     text: str
     category: str | None = None
     label: str | None = None  # XSTest: "safe" (should be answered) or "unsafe" (should be refused)
+
+
+def is_xstest(set_name: str) -> bool:
+    """XSTest sets measure over-refusal, not ASR: they are scored by their own rule and left out of the constraint."""
+    return set_name.split("/")[0].split(":")[0] == "xstest"
 
 
 @dataclass(frozen=True)
@@ -127,25 +133,6 @@ def split_path_option(rest: str) -> tuple[str, str | None]:
     if Path(path).exists() or _IDENTIFIER.fullmatch(option):
         return path, option
     return rest, None
-
-
-def load_safety_set(spec: str) -> PromptSet:
-    """A safety prompt set from its spec (see the module docstring)."""
-    name, _, rest = spec.partition(":")
-    name = name.strip().lower()
-    path = rest or None
-    if name == "advbench":
-        return load_advbench(path)
-    if name == "hexphi":
-        return load_hexphi(path)
-    if name == "xstest":
-        return load_xstest(path)
-    if name == "file":
-        if path is None:
-            raise ConfigError("file: needs a path: file:PATH[:COLUMN] (a CSV with a header row, or JSONL)")
-        file, column = split_path_option(path)
-        return load_prompt_file(file, column)
-    raise ConfigError(f"unknown safety prompt set {spec!r}; known: {KNOWN_SETS}")
 
 
 # --- reading files and the Hub ------------------------------------------------------------------
@@ -355,3 +342,26 @@ def load_prompt_file(path: str, column: str | None = None) -> PromptSet:
                            _optional_text(row, "category"), _optional_text(row, "label"))
                     for i, (where, row) in enumerate(rows))
     return _nonempty(PromptSet(f"file:{file.name}", str(file), prompts))
+
+
+# --- safety sets by name ------------------------------------------------------------------------
+
+
+def _file_set(path: str | None) -> PromptSet:
+    if path is None:
+        raise ConfigError("file: needs a path: file:PATH[:COLUMN] (a CSV with a header row, or JSONL)")
+    file, column = split_path_option(path)
+    return load_prompt_file(file, column)
+
+
+SAFETY_SETS: dict[str, Callable[[str | None], PromptSet]] = {
+    "advbench": load_advbench, "hexphi": load_hexphi, "xstest": load_xstest, "file": _file_set}
+
+
+def load_safety_set(spec: str) -> PromptSet:
+    """A safety prompt set from its spec (see the module docstring)."""
+    name, _, rest = spec.partition(":")
+    loader = SAFETY_SETS.get(name.strip().lower())
+    if loader is None:
+        raise ConfigError(f"unknown safety prompt set {spec!r}; available: {KNOWN_SETS}")
+    return loader(rest or None)

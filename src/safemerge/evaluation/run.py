@@ -31,7 +31,7 @@ from safemerge.config import EvalConfig, validate
 from safemerge.errors import ConfigError
 from safemerge.evaluation import judges as judging
 from safemerge.evaluation.console import progress_bar
-from safemerge.evaluation.prompts import PromptSet, load_safety_set
+from safemerge.evaluation.prompts import PromptSet, is_xstest, load_safety_set
 from safemerge.evaluation.rates import safety_summary, xstest_summary
 from safemerge.evaluation.stats import Estimate
 from safemerge.evaluation.tasks.base import Task, TaskScore
@@ -296,14 +296,14 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
         record = measured.safety[name]
         completions = record.pop("completions")
         verdict_judge = judge
-        if is_xstest(pset) and not getattr(judge, "labels_refusals", False):
+        if is_xstest(pset.name) and not getattr(judge, "labels_refusals", False):
             # over-refusal needs a refusal label: XSTest's own rule unless the judge gives one
             verdict_judge = judging.XSTestKeywordJudge()
         advance = bar(f"judge {name}", len(completions))
         verdicts = timed(measured, f"judge/{name}", verdict_judge.judge, [p.text for p in pset.prompts],
                          [c.response for c in completions])
         advance(len(completions))
-        if is_xstest(pset):
+        if is_xstest(pset.name):
             record.update(xstest_summary([p.label for p in pset.prompts], verdicts))
         else:
             categories = [p.category for p in pset.prompts]
@@ -312,10 +312,6 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
         record["responses"] = f"responses/{slug(name)}.jsonl"
         record["judgements"] = f"judgements/{slug(name)}.jsonl"
         measured.records[record["judgements"]] = [{"id": c.id} | v.to_dict() for c, v in zip(completions, verdicts)]
-
-
-def is_xstest(pset: PromptSet) -> bool:
-    return pset.name.split("/")[0] == "xstest"
 
 
 def results_record(cfg: EvalConfig, plan: EvalPlan, model: dict, measured: Measured, judge, invoked_as) -> dict:

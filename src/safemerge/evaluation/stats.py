@@ -161,3 +161,15 @@ def paired_difference(worse: int, better: int, n: int, confidence: float = 0.95)
     upper = paired_upper_bound(worse, better, n, confidence)
     value = (worse - better) / n if n else math.nan
     return PairedDifference(value, upper, int(n), int(worse), int(better), float(confidence))
+
+
+def format_estimate(estimate: dict | None) -> str:
+    """'0.120 [0.080, 0.170]': an estimate with its 95% interval; 'n/a' when nothing could be measured."""
+    def measured(x):
+        return None if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) else float(x)
+
+    value = measured(estimate.get("value")) if isinstance(estimate, dict) else None
+    if value is None:
+        return "n/a"
+    low, high = measured(estimate.get("low")), measured(estimate.get("high"))
+    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"

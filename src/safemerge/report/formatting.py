@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from safemerge.report.reading import dig, number
+from safemerge.report.reading import number
 
 MISSING = "n/a"
 
@@ -28,16 +28,7 @@ def fmt_float(value, digits: int = 3) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
-def fmt_estimate(est) -> str:
-    """'0.120 [0.080, 0.170]': the value with its 95% interval."""
-    value = number(dig(est, "value"))
-    if value is None:
-        return MISSING
-    low, high = number(est.get("low")), number(est.get("high"))
-    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def mean_sd(values: list) -> str:
+def format_mean_sd(values: list) -> str:
     """Over seeds: '0.612 ± 0.021' (sample sd), '0.612' for one value, 'n/a' for none; unmeasured seeds are said."""
     measured = [v for v in (number(v) for v in values) if v is not None]
     if not measured:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from safemerge.errors import ConfigError
+from safemerge.evaluation.prompts import is_xstest
 
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -23,10 +24,6 @@ def dig(data, *keys):
             return None
         data = data.get(key)
     return data
-
-
-def is_xstest(safety_set: str) -> bool:
-    return safety_set.startswith("xstest")
 
 
 @dataclass

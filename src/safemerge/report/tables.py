@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from safemerge.report.formatting import CHOSEN_MARK, FAILS_MARK, MISSING, fmt_estimate, fmt_float, fmt_lam, mean_sd
+from safemerge.evaluation.stats import format_estimate
+from safemerge.report.formatting import (
+    CHOSEN_MARK,
+    FAILS_MARK,
+    MISSING,
+    fmt_float,
+    fmt_lam,
+    format_mean_sd,
+)
 from safemerge.report.reading import Run, asr_of, dig, number, over_refusal_of, read_run, task_metric
 
 
@@ -77,7 +85,7 @@ def paper_table_of(run: Run) -> tuple[list[str], list[list[str]], list[Row]]:
     header = ["chosen", "model", "λ", "seeds"] + [c.header for c in columns]
     rows = _rows(run)
     cells = [[CHOSEN_MARK if r.chosen else "", r.name, fmt_lam(r.lam), str(len(r.trials))]
-             + [mean_sd([dig(c.estimate(t), "value") for t in r.trials]) for c in columns] for r in rows]
+             + [format_mean_sd([dig(c.estimate(t), "value") for t in r.trials]) for c in columns] for r in rows]
     return header, cells, rows
 
 
@@ -102,8 +110,8 @@ def trials_table(run: Run) -> tuple[list[str], list[list[str]], int | None]:
         row = [CHOSEN_MARK if chosen else "", str(t.get("label", "")), str(t.get("key", ""))[:8], str(t.get("kind", "")),
                str(t.get("method", "")), fmt_lam(t.get("lam")), fmt_lam(t.get("density")),
                "all" if seed is None else str(seed), fmt_float(t.get("val_score")), fmt_float(t.get("test_score"))]
-        row += [fmt_estimate(asr_of(t, s, part)) for s in run.asr_sets for part in ("selection", "report")]
-        row += [fmt_estimate(over_refusal_of(t, s, part)) for s in run.xstest_sets for part in ("selection", "report")]
+        row += [format_estimate(asr_of(t, s, part)) for s in run.asr_sets for part in ("selection", "report")]
+        row += [format_estimate(over_refusal_of(t, s, part)) for s in run.xstest_sets for part in ("selection", "report")]
         row += [fmt_float(dig(t, "seconds", "total"), 1)]
         rows.append(row)
     return header, rows, highlight

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from safemerge.evaluation.stats import format_estimate
 from safemerge.sweeps.choose import asr_sets, selection_asr, value_of
 
 
@@ -62,8 +63,8 @@ def monotonicity_breaches(log: list[dict]) -> list[str]:
             drop = clearest_drop(name, estimate, [e for e in entries[:i] if e["lam"] < later["lam"]])
             if drop is not None:
                 earlier = drop["asr"][name]
-                breaches.append(f"{name}: ASR at λ={later['lam']:g} ({describe(estimate)}) is clearly below that at "
-                                f"λ={drop['lam']:g} ({describe(earlier)}), though ASR is assumed to grow with λ")
+                breaches.append(f"{name}: ASR at λ={later['lam']:g} ({format_estimate(estimate)}) is clearly below that at "
+                                f"λ={drop['lam']:g} ({format_estimate(earlier)}), though ASR is assumed to grow with λ")
     return breaches
 
 
@@ -80,10 +81,6 @@ def clearest_drop(name: str, estimate: dict | None, smaller: list[dict]) -> dict
         if gap > best_gap:
             best, best_gap = entry_, gap
     return best
-
-
-def describe(estimate: dict) -> str:
-    return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
 def refinement_lambda(passes_at: dict[float, bool], tolerance: float) -> float | None:

@@ -32,6 +32,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from safemerge.evaluation.prompts import is_xstest
 from safemerge.evaluation.stats import paired_difference, paired_upper_bound
 
 POLICIES = ("constrained", "paper")
@@ -45,11 +46,6 @@ SLACK = 1e-12
 
 
 UNSAFE, SAFE, MISS = "1", "0", "?"  # one character per judged prompt in a record's "verdicts"
-
-
-def is_xstest(name: str) -> bool:
-    """XSTest sets measure over-refusal, not ASR, so the constraint ignores them."""
-    return name.startswith("xstest")
 
 
 def asr_sets(trial: dict) -> list[str]:
@@ -172,7 +168,7 @@ def test_statement(max_asr_increase: float) -> str:
             "the allowance). Judge parse misses count as unsafe.")
 
 
-def mean_sd(values: list[float | None]) -> dict:
+def mean_and_sd(values: list[float | None]) -> dict:
     """Mean and sample sd over the measured values (sd 0.0 for one value; both None for none)."""
     present = [v for v in values if v is not None]
     if not present:
@@ -215,7 +211,7 @@ def summarise(trials: list[dict], aligned: dict, max_asr_increase: float) -> dic
         estimates = [selection_asr(trial, name) for trial in trials]
         uppers = [upper_bounds(t, aligned, max_asr_increase).get(name) for t in trials]
         measured = [u for u in uppers if u is not None]
-        asr[name] = {**mean_sd([value_of(e) for e in estimates]), "max_upper": max(measured) if measured else None}
+        asr[name] = {**mean_and_sd([value_of(e) for e in estimates]), "max_upper": max(measured) if measured else None}
     why_not = [f"{seed_name(t)}: {failure}" for t in trials for failure in constraint_failures(t, aligned, max_asr_increase)]
     val_scores = [t.get("val_score") for t in trials]
     if None in val_scores:  # a mean over some seeds only would not compare with the others
@@ -224,8 +220,8 @@ def summarise(trials: list[dict], aligned: dict, max_asr_increase: float) -> dic
         "method": first["method"], "lam": first.get("lam"), "density": first.get("density"),
         "label": group_label(first["method"], first.get("lam"), first.get("density")),
         "n_seeds": len(trials), "trials": [t["key"] for t in trials],
-        "val_score": {"mean": None, "sd": None} if None in val_scores else mean_sd(val_scores),
-        "test_score": mean_sd([t.get("test_score") for t in trials]),
+        "val_score": {"mean": None, "sd": None} if None in val_scores else mean_and_sd(val_scores),
+        "test_score": mean_and_sd([t.get("test_score") for t in trials]),
         "asr_selection": asr,
         "qualifies": not why_not, "why_not": "; ".join(why_not) or None,
     }

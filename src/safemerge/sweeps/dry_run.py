@@ -6,6 +6,7 @@ import itertools
 import math
 
 from safemerge.config import SweepConfig
+from safemerge.evaluation.judges import is_model_judge
 from safemerge.sweeps.refine import bisect_groups, lambda_settings
 from safemerge.sweeps.trials import Trial, baselines, grid_trials, merge_trial, sweep_plan
 
@@ -23,7 +24,7 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
     safety = sum(len(p.prompts) for p in plan.safety.values())
     tasks = {name: len(t.items) * int(t.generation.get("num_samples", 1)) for name, t in plan.tasks.items()}
     per_trial = safety + sum(tasks.values())
-    judge_model = not plan.judge_spec.startswith(("keyword", "compliance"))
+    judge_model = is_model_judge(plan.judge_spec)
     judge_calls = trials * safety if judge_model else 0
     generated = trials * per_trial * cfg.max_new_tokens + judge_calls * 128
     engines = None

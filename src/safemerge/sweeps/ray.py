@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from safemerge.config import SweepConfig
 from safemerge.errors import ConfigError
+from safemerge.evaluation.judges import is_model_judge
 from safemerge.evaluation.run import Measured
 from safemerge.sweeps.store import TrialStore
 from safemerge.sweeps.trials import Trial, trial_of
@@ -228,7 +229,7 @@ class RayExecutor:
         cfg_json = self.cfg.model_dump(mode="json")
         threads = max(1, int(self.cpus_per_trial))
         if self.cfg.judge_placement == "shared" and self.judge_actor is None:
-            if self.cfg.judge.split(":")[0] in ("keyword", "compliance"):
+            if not is_model_judge(self.cfg.judge):
                 raise ConfigError(f"--judge-placement shared is for a judge model; the judge here is {self.cfg.judge}")
             judge = ray.remote(JudgeWorker).options(**{**options, "num_gpus": self.cfg.judge_gpus})
             self.judge_actor = judge.remote(cfg_json, env, threads)
