@@ -308,11 +308,11 @@ def test_split_ignores_the_row_order_of_the_file(tmp_path):
 
 def test_split_does_not_depend_on_python_hash_seeds():
     # the package __init__ imports torch (seconds per process); a bare package object skips it
-    package = Path(prompts_module.__file__).parent
+    package = Path(prompts_module.__file__).parents[1]  # src/safemerge
     code = ("import sys, types\n"
             f"package = types.ModuleType('safemerge'); package.__path__ = [{str(package)!r}]\n"
             "sys.modules['safemerge'] = package\n"
-            "from safemerge.prompts import Prompt, PromptSet\n"
+            "from safemerge.evaluation.prompts import Prompt, PromptSet\n"
             "s = PromptSet('s', 'm', tuple(Prompt(f'id{i}', 't', f'c{i % 4}') for i in range(60)))\n"
             "print(','.join(p.id for p in s.split(0.5, seed=3)[0].prompts))")
     runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
