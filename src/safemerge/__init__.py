@@ -9,11 +9,19 @@ makes the fine-tuned model, ``cli`` and ``demo`` drive it all.
 """
 
 from safemerge.errors import CheckpointError, ConfigError, IncompatibleModelsError, SafemergeError
-from safemerge.evaluation.run import evaluate
-from safemerge.finetuning.train import finetune
 from safemerge.merging.methods import METHODS
 from safemerge.merging.stream import MergeResult, merge
-from safemerge.sweeps.run import sweep
+
+# imported when first used: `safemerge merge` should not pay for the evaluation, sweep and training stacks
+_LAZY = {"evaluate": "safemerge.evaluation.run", "sweep": "safemerge.sweeps.run", "finetune": "safemerge.finetuning.train"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'safemerge' has no attribute {name!r}")
 
 __all__ = [
     "METHODS",
