@@ -262,3 +262,19 @@ def test_dry_run_prints_the_plan_and_runs_nothing(inputs, tmp_path):
     assert f"generations: {trials * per_trial}" in r.stdout and "0 model calls" in r.stdout
     assert f"at most {trials * per_trial * 8:,}" in r.stdout  # 8 new tokens each
     assert not (tmp_path / "run").exists()
+
+
+def test_report_of_a_hand_edited_sweep_json_is_one_clear_line(tmp_path):
+    """`safemerge report RUN` reads RUN/sweep.json through the same validation as the command line."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    (run / "trials").mkdir(parents=True)
+    (run / "sweep.json").write_text('{"aligned": "a", "finetuned": ["b"], "out": "run", "lambdas": [1.5]}')
+    r = subprocess.run([sys.executable, "-m", "safemerge", "report", str(run)], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {run / 'sweep.json'}: --lambdas") and len(r.stderr.strip().splitlines()) == 1
+    (run / "sweep.json").write_text('{"aligned": "a", ')
+    r = subprocess.run([sys.executable, "-m", "safemerge", "report", str(run)], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read" in r.stderr

@@ -19,7 +19,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from safemerge.config import SweepConfig
+from safemerge.config import SweepConfig, validate
 from safemerge.errors import ConfigError
 from safemerge.sweeps import choose as choosing
 from safemerge.sweeps.dry_run import estimated_trials
@@ -156,8 +156,14 @@ def rebuild_report(run_dir: Path) -> dict:
     config = run_dir / "sweep.json"
     if not config.exists():
         raise ConfigError(f"{run_dir} holds no sweep.json; give the directory a `safemerge sweep` wrote")
-    cfg = SweepConfig(**json.loads(config.read_text()))
-    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    settings = read_run_json(config)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{config} must hold the sweep's settings as a JSON object")
+    try:
+        cfg = validate(SweepConfig, **settings)
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
+    previous = read_run_json(run_dir / "results.json") if (run_dir / "results.json").exists() else {}
     wanted = [r["key"] for r in previous.get("trials", [])] or sorted(p.name for p in (run_dir / "trials").iterdir())
     store = TrialStore(run_dir / "trials")
     records = [r for r in map(store.get, wanted) if r is not None]
@@ -171,6 +177,13 @@ def rebuild_report(run_dir: Path) -> dict:
 
     write_report(run_dir, results)
     return results
+
+
+def read_run_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}; was it edited by hand? `safemerge sweep` writes it again") from None
 
 
 class Bar:
