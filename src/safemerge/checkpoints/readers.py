@@ -18,7 +18,7 @@ from torch import Tensor
 
 from safemerge.checkpoints.files import ContentHasher, TensorFiles, TensorInfo, load_json
 from safemerge.checkpoints.lora import LoraAdapter, open_adapter
-from safemerge.errors import CheckpointError
+from safemerge.errors import CheckpointError, hub_errors
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -113,7 +113,7 @@ def resolve(spec: str, allow_pickle: bool = False) -> Path:
     try:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.bin"] if allow_pickle else [])
         return Path(snapshot_download(spec, allow_patterns=patterns))
-    except Exception as e:  # hub errors come in many types
+    except hub_errors() as e:
         raise CheckpointError(f"{spec} is not a local directory and could not be fetched from the Hub: {str(e).splitlines()[0]}") from None
 
 

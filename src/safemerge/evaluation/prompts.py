@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from safemerge.errors import ConfigError
+from safemerge.errors import ConfigError, hub_errors
 
 KNOWN_SETS = "advbench[:PATH], hexphi:PATH, xstest[:PATH], file:PATH[:COLUMN]"
 TEXT_COLUMNS = ("prompt", "goal", "instruction", "question", "text")  # file: default column, first present
@@ -224,7 +224,7 @@ def hub_rows(repo_id: str, split: str, config: str | None = None) -> list[dict]:
                           "install datasets or give a PATH") from None
     try:
         data = datasets.load_dataset(repo_id, config, split=split)
-    except Exception as e:  # noqa: BLE001 -- offline, gated, renamed, no such split: one answer for all
+    except hub_errors() as e:  # offline, gated, renamed, no such split: one answer for all
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"cannot load the Hub dataset {repo_id} (split {split}): {reason}; "
                           "download the data and give its PATH instead") from None

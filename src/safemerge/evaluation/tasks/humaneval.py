@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safemerge.errors import ConfigError
+from safemerge.errors import ConfigError, hub_errors
 from safemerge.evaluation.stats import bootstrap_mean
 from safemerge.evaluation.tasks.base import Task, TaskItem, TaskScore
 from safemerge.evaluation.tasks.sandbox import ExecResult, run_programs
@@ -142,7 +142,7 @@ def _read_hub() -> list[dict]:
                           "which is not installed: pip install datasets, or give the file: humaneval:PATH") from e
     try:
         dataset = datasets.load_dataset(HUB_ID, split="test")
-    except Exception as e:
+    except hub_errors() as e:
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"cannot load {HUB_ID} from the Hub ({cause}); give the file instead: humaneval:PATH") from e
     seen: set[str] = set()
