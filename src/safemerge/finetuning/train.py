@@ -41,13 +41,11 @@ def load_base(model: str) -> tuple[Path, object]:
     return path, tokenizer
 
 
-def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: float = 0.1, seed: int = 42,
-             lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, target_modules: list[str] | None = None,
-             lr: float = 1e-4, epochs: float = 3, max_steps: int | None = None, batch_size: int = 8,
-             max_length: int = 1024, full: bool = False, warmup_ratio: float = 0.1, device: str = "auto",
-             force: bool = False, progress: bool = True, logging_steps: int | None = None) -> FinetuneResult:
+def finetune(model: str, data: str | Path, out: str | Path, *, force: bool = False, **settings) -> FinetuneResult:
     """Fine-tune MODEL on the chat data in DATA and write a PEFT LoRA adapter (or, with ``full``,
-    a full checkpoint) to OUT, beside train.jsonl, val.jsonl and training_log.json.
+    a full checkpoint) to OUT, beside train.jsonl, val.jsonl and training_log.json. ``settings`` are
+    the fields of ``Settings`` (seed, lora_r, lr, epochs, max_steps, batch_size, full, ...), whose
+    defaults are defined there only.
 
     The loss is on the assistant's reply only, through the model's own chat template. Runs are
     seeded: the same seed on the same machine gives the same weights. Raises ``ConfigError`` for
@@ -60,18 +58,17 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
     from safemerge.checkpoints.writer import check_out
 
     model = str(model)
-    s = Settings(val_fraction=val_fraction, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                 target_modules=list(target_modules) if target_modules else None, lr=lr, epochs=epochs,
-                 max_steps=max_steps, batch_size=batch_size, max_length=max_length, full=full,
-                 warmup_ratio=warmup_ratio, device=device, progress=progress, logging_steps=logging_steps)
+    if settings.get("target_modules"):
+        settings["target_modules"] = list(settings["target_modules"])
+    s = Settings(**settings)
     s.check()
     started = time.perf_counter()
     data, out = Path(data), check_out(Path(out), force)
-    device = training_device(device)
+    device = training_device(s.device)
     examples = read_examples(data)  # all data checks come before the model is loaded
     path, tokenizer = load_base(model)
-    check_lengths(examples, tokenizer, max_length, data)
-    train, val = split(examples, val_fraction, seed, data)
+    check_lengths(examples, tokenizer, s.max_length, data)
+    train, val = split(examples, s.val_fraction, s.seed, data)
     from safemerge.checkpoints.writer import atomic_directory
 
     # the Trainer's own directory (no checkpoints are saved) is scratch; OUT is written at the end,
@@ -79,10 +76,10 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
     # one is the main process is known only once the Trainer has set up the process group
     with quiet(), tempfile.TemporaryDirectory(prefix="safemerge-finetune-") as scratch:
         trainer, targets = build_trainer(path, model, tokenizer, train, val, Path(scratch), device, s)
-        before = eval_loss(trainer, "before", progress) if val else None
-        with training_progress(trainer, progress):
+        before = eval_loss(trainer, "before", s.progress) if val else None
+        with training_progress(trainer, s.progress):
             summary = trainer.train()
-        after = eval_loss(trainer, "after", progress) if val else None
+        after = eval_loss(trainer, "after", s.progress) if val else None
         history = training_history(trainer)
         main = trainer.is_world_process_zero()
         result = FinetuneResult(out, len(train), len(val), trainer.state.global_step,
@@ -90,7 +87,7 @@ def finetune(model: str, data: str | Path, out: str | Path, *, val_fraction: flo
                                 processes=trainer.args.world_size, published=main)
         if main:
             with atomic_directory(out, force) as tmp:
-                save(trainer, tokenizer, tmp, base_spec(model), full)
+                save(trainer, tokenizer, tmp, base_spec(model), s.full)
                 write_rows(tmp / "train.jsonl", train)
                 write_rows(tmp / "val.jsonl", val)
                 record = training_record(result, replace(s, target_modules=targets, device=device), history, summary,
