@@ -93,7 +93,7 @@ class MergeConfig(BaseModel):
     @property
     def params(self) -> dict:
         """The method's parameters with defaults filled in: exactly what the merge used."""
-        takes = methods.METHODS[self.method].parameters
+        takes = methods.get(self.method).parameters
         params = {}
         if "lam" in takes:
             params["lam"] = DEFAULT_LAMBDA if self.lam is None else self.lam
@@ -306,7 +306,7 @@ class SweepConfig(BaseModel):
     def method_list(self) -> list[str]:
         if self.methods is not None:
             return list(dict.fromkeys(self.methods))
-        return [m for m in DEFAULT_SWEEP_METHODS if len(self.finetuned) >= methods.METHODS[m].min_models]
+        return [m for m in DEFAULT_SWEEP_METHODS if len(self.finetuned) >= methods.get(m).min_models]
 
     def eval_config(self) -> EvalConfig:
         """The evaluation every trial runs (the model field names the aligned model, for the record)."""

@@ -28,7 +28,7 @@ def provenance(cfg, result, invoked_as: str | None = None) -> dict:
     return {
         "safemerge_version": version(),
         "method": cfg.method,
-        "paper": methods.METHODS[cfg.method].paper,
+        "paper": methods.get(cfg.method).paper,
         "parameters": cfg.params,
         "lambda_meaning": "weight of the fine-tuned model: (1-λ)·aligned + λ·finetuned",
         "dtype": cfg.dtype,
@@ -42,7 +42,7 @@ def provenance(cfg, result, invoked_as: str | None = None) -> dict:
 
 
 def model_card(cfg, result, invoked_as: str | None = None, note: str | None = None) -> str:
-    m = methods.METHODS[cfg.method]
+    m = methods.get(cfg.method)
     params = "\n".join(f"| {k} | {v} |" for k, v in cfg.params.items()) or "| (none) | |"
     inputs = "\n".join(
         [f"| aligned | `{cfg.aligned}` | `{result.fingerprints[cfg.aligned]}` |"]

@@ -48,7 +48,7 @@ class MergePlan:
 
     @property
     def method(self) -> methods.Method:
-        return methods.METHODS[self.config.method]
+        return methods.get(self.config.method)
 
     @property
     def output_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from safemerge.config import SweepConfig
+from safemerge.merging import methods
 from safemerge.sweeps import choose as choosing
 from safemerge.sweeps.bisection import bisect_lambda, refinement_lambda
 from safemerge.sweeps.trials import merge_trial
@@ -10,10 +11,8 @@ from safemerge.sweeps.trials import merge_trial
 
 def bisect_groups(cfg: SweepConfig):
     """(method, seed) pairs to bisect; methods without λ are evaluated once."""
-    from safemerge.merging.methods import METHODS
-
     for method in cfg.method_list:
-        m = METHODS[method]
+        m = methods.get(method)
         if "lam" not in m.parameters:
             yield method, None, False
         else:
@@ -23,10 +22,8 @@ def bisect_groups(cfg: SweepConfig):
 
 def lambda_settings(cfg: SweepConfig) -> list[tuple[str, list[int | None]]]:
     """The methods with a λ axis and the seeds each is merged with."""
-    from safemerge.merging.methods import METHODS
-
-    return [(method, [None] if METHODS[method].min_models > 1 else list(range(len(cfg.finetuned))))
-            for method in cfg.method_list if "lam" in METHODS[method].parameters]
+    return [(method, [None] if methods.get(method).min_models > 1 else list(range(len(cfg.finetuned))))
+            for method in cfg.method_list if "lam" in methods.get(method).parameters]
 
 
 def passes_by_lambda(records: list[dict], method: str, aligned: dict, allowance: float) -> dict[float, bool]:

@@ -7,12 +7,13 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from safemerge.config import MergeConfig, SweepConfig
+from safemerge.config import DEFAULT_DENSITY, MergeConfig, SweepConfig
 from safemerge.errors import ConfigError
 from safemerge.evaluation.prompts import load_safety_set
 from safemerge.evaluation.run import EvalPlan, resolve_judge, unique_names
 from safemerge.evaluation.tasks.base import Task
 from safemerge.evaluation.tasks.registry import load_task
+from safemerge.merging import methods
 
 # Trial records of version 2 keep each harmful set's verdicts for the paired test; stored trials of an earlier
 # version are evaluated again (their generations come from the cache)
@@ -64,21 +65,17 @@ def baselines(cfg: SweepConfig) -> list[Trial]:
 
 
 def merge_trial(cfg: SweepConfig, method: str, lam: float | None, seed: int | None) -> Trial:
-    from safemerge.merging.methods import METHODS
-
-    takes = METHODS[method].parameters
-    density = (cfg.density if cfg.density is not None else 0.5) if "density" in takes else None
+    takes = methods.get(method).parameters
+    density = (cfg.density if cfg.density is not None else DEFAULT_DENSITY) if "density" in takes else None
     finetuned = tuple(cfg.finetuned) if seed is None else (cfg.finetuned[seed],)
     return Trial("merge", method, round(lam, 6) if "lam" in takes else None, density, seed, finetuned)
 
 
 def grid_trials(cfg: SweepConfig) -> list[Trial]:
     """Each method at each λ for each seed; a method that combines the seeds (model_stock) once."""
-    from safemerge.merging.methods import METHODS
-
     trials = []
     for method in cfg.method_list:
-        m = METHODS[method]
+        m = methods.get(method)
         seeds = [None] if m.min_models > 1 else range(len(cfg.finetuned))
         lambdas = cfg.lambdas if "lam" in m.parameters else [None]
         trials += [merge_trial(cfg, method, lam, seed) for lam in lambdas for seed in seeds]
