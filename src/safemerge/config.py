@@ -8,8 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from safemerge.backends.generation import MAX_NEW_TOKENS, SAFETY_REPETITION_PENALTY
 from safemerge.errors import ConfigError
 from safemerge.evaluation.judges import is_model_judge, judge_name
+from safemerge.evaluation.tasks.bertscore import DEFAULT_LAYER as BERTSCORE_LAYER
+from safemerge.evaluation.tasks.bertscore import DEFAULT_MODEL as BERTSCORE_MODEL
 from safemerge.merging import methods
 
 DEFAULT_LAMBDA = 0.5
@@ -141,8 +144,8 @@ class EvalConfig(BaseModel):
     judge: str = Field("auto", description="keyword[:FILE], wildguard[:MODEL], llamaguard[:MODEL]; auto: keyword on CPU, wildguard on GPU")
     tasks: list[str] = Field(default_factory=list, description="task sets: gsm8k[:PATH], bbh:PATH[:TASK], file:PATH[:SCORER], humaneval[:PATH], lm-eval:TASK")
     system_prompt: str | None = Field(PAPER_SYSTEM_PROMPT, description="system prompt of every chat request; empty for none")
-    max_new_tokens: int = Field(512, ge=1)
-    repetition_penalty: float = Field(1.2, gt=0, description="repetition penalty of the safety generations")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
+    repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0, description="repetition penalty of the safety generations")
     task_repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty of the task generations (numbers and code repeat tokens)")
     batch_size: int = Field(8, ge=1)
     backend: Literal["transformers", "vllm"] = Field("transformers", description="generation engine (vllm: GPU, optional extra)")
@@ -159,8 +162,8 @@ class EvalConfig(BaseModel):
     temperature: float = Field(0.8, gt=0, description="HumanEval sampling temperature when samples > 1")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values of pass@k")
     lm_eval_include: Path | None = Field(None, description="folder of your own lm-evaluation-harness task YAMLs")
-    bertscore_model: str = Field("microsoft/deberta-xlarge-mnli")
-    bertscore_layer: int = Field(40, ge=1)
+    bertscore_model: str = Field(BERTSCORE_MODEL)
+    bertscore_layer: int = Field(BERTSCORE_LAYER, ge=1)
     seed: int = 0
     force: bool = Field(False, description="replace an existing --out")
     allow_pickle: bool = False
@@ -225,8 +228,8 @@ class SweepConfig(BaseModel):
     # evaluation settings, as in `safemerge evaluate`
     judge: str = "auto"
     system_prompt: str | None = PAPER_SYSTEM_PROMPT
-    max_new_tokens: int = Field(512, ge=1)
-    repetition_penalty: float = Field(1.2, gt=0)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
+    repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0)
     task_repetition_penalty: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
     backend: Literal["transformers", "vllm"] = Field("transformers", description="generation engine (vllm: GPU, optional extra)")
@@ -244,8 +247,8 @@ class SweepConfig(BaseModel):
     temperature: float = Field(0.8, gt=0)
     pass_k: list[int] = Field(default_factory=lambda: [1])
     lm_eval_include: Path | None = None
-    bertscore_model: str = "microsoft/deberta-xlarge-mnli"
-    bertscore_layer: int = Field(40, ge=1)
+    bertscore_model: str = BERTSCORE_MODEL
+    bertscore_layer: int = Field(BERTSCORE_LAYER, ge=1)
     seed: int = 0
     allow_pickle: bool = False
 

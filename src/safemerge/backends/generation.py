@@ -22,16 +22,20 @@ from safemerge.errors import ConfigError
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
+MAX_NEW_TOKENS = 512  # the paper's longest response
+SAFETY_REPETITION_PENALTY = 1.2  # the paper's, for safety generations
+
+
 class GenerationSettings(BaseModel):
     """How responses are generated. The defaults are the paper's safety evaluation settings."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_new_tokens: int = Field(512, ge=1)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.2, gt=0)
+    repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0)
     num_samples: int = Field(1, ge=1)  # completions per request (n of pass@k); > 1 needs do_sample
     seed: int = 0
 

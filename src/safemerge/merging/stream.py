@@ -27,7 +27,7 @@ from safemerge.checkpoints.writer import (
     shard_names,
     write_file,
 )
-from safemerge.config import MergeConfig, validate
+from safemerge.config import DEFAULT_SEED, MergeConfig, validate
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.merging import methods
 from safemerge.merging.plan import MergePlan, Source, TensorPlan, plan_merge
@@ -226,7 +226,7 @@ def merge(
     method: str = "linear",
     lam: float | None = None,
     density: float | None = None,
-    seed: int = 42,
+    seed: int = DEFAULT_SEED,
     dtype: str = "auto",
     shard_size: str | int = "5GB",
     keep_aligned: list[str] | None = None,
