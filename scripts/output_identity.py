@@ -47,21 +47,14 @@ run_demo(Path(sys.argv[1]), seeds=1, progress=False, methods=["linear"], lambdas
 def build_inputs(root: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
-    from conftest import build_model, finetune_copy, lora_adapter, save_model
+    from conftest import build_model, finetune_copy, lora_adapter, save_model, write_sweep_sets
 
     base = build_model("llama", seed=11)
     paths = {"aligned": save_model(base, root / "aligned", torch.bfloat16)}
     for s in range(2):
         paths[f"seed{s}"] = save_model(finetune_copy(base, s, scale=0.05), root / f"seed{s}", torch.bfloat16)
     paths["lora"] = lora_adapter(base, root / "lora", seed=3)
-    harmful = root / "harmful.csv"
-    harmful.write_text("goal\n" + "".join(f"w{10 + i} w{30 + (5 * i) % 50} w{60 + i}\n" for i in range(16)))
-    for name, start in (("val", 0), ("test", 20)):
-        (root / f"{name}.jsonl").write_text("".join(
-            json.dumps({"question": f"w{start + i} w{start + 2 * i}", "answer": f"#### {i}"}) + "\n" for i in range(4)))
-    keywords = root / "keywords.txt"
-    keywords.write_text("w43\nw86\n")
-    return {**paths, "harmful": harmful, "val": root / "val.jsonl", "test": root / "test.jsonl", "keywords": keywords}
+    return {**paths, **write_sweep_sets(root)}
 
 
 def commands(p: dict, out: Path) -> list[list[str]]:

@@ -120,12 +120,19 @@ def llama32(models):
 def sweep_inputs(tmp_path_factory):
     """What the sweep tests run on (read only): a tiny bf16 Llama, two fine-tuned seeds, 16 harmful
     prompts, 4 validation and 4 test problems, and a keyword file that splits its responses."""
-    import json
 
     root = tmp_path_factory.mktemp("sweep-inputs")
     base = build_model("llama", seed=11)
     aligned = save_model(base, root / "aligned", torch.bfloat16)
     seeds = [save_model(finetune_copy(base, s, scale=0.05), root / f"seed{s}", torch.bfloat16) for s in range(2)]
+    return {"root": root, "aligned": aligned, "seeds": seeds, **write_sweep_sets(root)}
+
+
+def write_sweep_sets(root: Path) -> dict[str, Path]:
+    """16 harmful prompts, 4 validation and 4 test problems, and a keyword file that splits the
+    tiny models' responses (also the inputs of scripts/output_identity.py)."""
+    import json
+
     harmful = root / "harmful.csv"
     harmful.write_text("goal\n" + "".join(f"w{10 + i} w{30 + (5 * i) % 50} w{60 + i}\n" for i in range(16)))
     for name, start in (("val", 0), ("test", 20)):
@@ -133,4 +140,4 @@ def sweep_inputs(tmp_path_factory):
             json.dumps({"question": f"w{start + i} w{start + 2 * i}", "answer": f"#### {i}"}) + "\n" for i in range(4)))
     keywords = root / "keywords.txt"
     keywords.write_text("w43\nw86\n")
-    return {"root": root, "aligned": aligned, "seeds": seeds, "harmful": harmful, "keywords": keywords}
+    return {"harmful": harmful, "val": root / "val.jsonl", "test": root / "test.jsonl", "keywords": keywords}

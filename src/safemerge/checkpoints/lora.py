@@ -93,10 +93,14 @@ class LoraAdapter:
 SET_VALUED = ("target_modules", "exclude_modules")
 
 
+def with_sorted_sets(config: dict) -> dict:
+    """adapter_config with its set-valued fields in one order."""
+    return {k: sorted(v) if k in SET_VALUED and isinstance(v, list) else v for k, v in config.items()}
+
+
 def canonical_adapter_config(config: dict) -> bytes:
     """adapter_config.json as bytes that depend on its meaning only, not on set order or key order."""
-    fixed = {k: sorted(v) if k in SET_VALUED and isinstance(v, list) else v for k, v in config.items()}
-    return json.dumps(fixed, sort_keys=True).encode()
+    return json.dumps(with_sorted_sets(config), sort_keys=True).encode()
 
 
 def pattern_value(patterns: dict, module: str, default):

@@ -21,7 +21,8 @@ Examples:
 """
 
 
-def default(name: str):
+def setting_default(name: str):
+    """The default of the fine-tune setting NAME: defined once, in finetuning.Settings."""
     return Settings.__dataclass_fields__[name].default
 
 
@@ -29,17 +30,17 @@ def finetune(
     model: Annotated[str, typer.Argument(help="the model to fine-tune: a directory or a Hub id")],
     data: Annotated[Path, typer.Option(help="JSONL: `messages` (chat), or `prompt`/`response`, or `instruction`/`output`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for the adapter (or the full model with --full)")],
-    val_fraction: Annotated[float, typer.Option(help="part of the data kept out for validation (OUT/val.jsonl)")] = default("val_fraction"),
-    seed: Annotated[int, typer.Option(help="seed of the split, the adapter's initialisation and the data order")] = default("seed"),
-    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = default("lora_r"),
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r)")] = default("lora_alpha"),
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule, 10% warm-up)")] = default("lr"),
-    epochs: Annotated[float, typer.Option(help="passes over the training data")] = default("epochs"),
+    val_fraction: Annotated[float, typer.Option(help="part of the data kept out for validation (OUT/val.jsonl)")] = setting_default("val_fraction"),
+    seed: Annotated[int, typer.Option(help="seed of the split, the adapter's initialisation and the data order")] = setting_default("seed"),
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = setting_default("lora_r"),
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r)")] = setting_default("lora_alpha"),
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine schedule, 10% warm-up)")] = setting_default("lr"),
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = setting_default("epochs"),
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps; overrides --epochs")] = None,
-    batch_size: Annotated[int, typer.Option(help="examples per step")] = default("batch_size"),
-    max_length: Annotated[int, typer.Option(help="longest example in tokens; longer ones are an error, never cut")] = default("max_length"),
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = setting_default("batch_size"),
+    max_length: Annotated[int, typer.Option(help="longest example in tokens; longer ones are an error, never cut")] = setting_default("max_length"),
     full: Annotated[bool, typer.Option("--full", help="train every weight and write a full checkpoint instead of an adapter")] = False,
-    device: Device = default("device"),
+    device: Device = setting_default("device"),
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out once training has finished")] = False,
     quiet: QuietBar = False,
     debug: Debug = False,

@@ -10,7 +10,7 @@ from dataclasses import asdict, is_dataclass
 from enum import Enum
 from pathlib import Path
 
-from safemerge.checkpoints.lora import SET_VALUED
+from safemerge.checkpoints.lora import with_sorted_sets
 from safemerge.finetuning.settings import FinetuneResult, Settings, base_spec
 from safemerge.finetuning.trainer import numerics, supported
 
@@ -26,9 +26,7 @@ def save(trainer, tokenizer, directory: Path, spec: str, full: bool) -> None:
     tokenizer.save_pretrained(directory)
     if not full:  # the same adapter_config.json bytes in every run (PEFT writes target_modules from a set)
         config = directory / "adapter_config.json"
-        values = json.loads(config.read_text())
-        values.update({k: sorted(values[k]) for k in SET_VALUED if isinstance(values.get(k), list)})
-        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+        config.write_text(json.dumps(with_sorted_sets(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
 
 
 def training_history(trainer) -> list[dict]:

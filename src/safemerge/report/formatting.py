@@ -18,12 +18,12 @@ CHOSEN_MARK = "✓"
 FAILS_MARK = "†"
 
 
-def fmt_lam(lam) -> str:
+def format_lam(lam) -> str:
     lam = number(lam)
     return NO_LAMBDA if lam is None else f"{lam:g}"
 
 
-def fmt_float(value, digits: int = 3) -> str:
+def format_float(value, digits: int = 3) -> str:
     value = number(value)
     return MISSING if value is None else f"{value:.{digits}f}"
 

@@ -7,7 +7,7 @@ import re
 import statistics
 from collections.abc import Callable
 
-from safemerge.report.formatting import fmt_lam
+from safemerge.report.formatting import format_lam
 from safemerge.report.reading import Run, asr_of, dig, number, task_score
 
 
@@ -65,7 +65,7 @@ def _tradeoff_plot(run: Run) -> bytes:
             ax.scatter([p[0] for p in mine], [p[1] for p in mine], color=run.colour(method), label=method, zorder=3)
         for x, y, t in mine:
             if number(t.get("lam")) is not None:
-                ax.annotate(fmt_lam(t.get("lam")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(format_lam(t.get("lam")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for kind, style in (("aligned", {"marker": "*", "s": 220, "color": "black"}),
                         ("finetuned", {"marker": "X", "s": 110, "color": "#555555"})):
         mine = [(x, y) for x, y, t in points if t.get("kind") == kind]

@@ -10,8 +10,8 @@ from safemerge.report.formatting import (
     CHOSEN_MARK,
     FAILS_MARK,
     MISSING,
-    fmt_float,
-    fmt_lam,
+    format_float,
+    format_lam,
     format_mean_sd,
 )
 from safemerge.report.reading import Run, asr_of, dig, number, over_refusal_of, read_run, task_metric
@@ -84,7 +84,7 @@ def paper_table_of(run: Run) -> tuple[list[str], list[list[str]], list[Row]]:
     columns = _columns(run)
     header = ["chosen", "model", "λ", "seeds"] + [c.header for c in columns]
     rows = _rows(run)
-    cells = [[CHOSEN_MARK if r.chosen else "", r.name, fmt_lam(r.lam), str(len(r.trials))]
+    cells = [[CHOSEN_MARK if r.chosen else "", r.name, format_lam(r.lam), str(len(r.trials))]
              + [format_mean_sd([dig(c.estimate(t), "value") for t in r.trials]) for c in columns] for r in rows]
     return header, cells, rows
 
@@ -108,11 +108,11 @@ def trials_table(run: Run) -> tuple[list[str], list[list[str]], int | None]:
         highlight = i if chosen else highlight
         seed = t.get("seed")
         row = [CHOSEN_MARK if chosen else "", str(t.get("label", "")), str(t.get("key", ""))[:8], str(t.get("kind", "")),
-               str(t.get("method", "")), fmt_lam(t.get("lam")), fmt_lam(t.get("density")),
-               "all" if seed is None else str(seed), fmt_float(t.get("val_score")), fmt_float(t.get("test_score"))]
+               str(t.get("method", "")), format_lam(t.get("lam")), format_lam(t.get("density")),
+               "all" if seed is None else str(seed), format_float(t.get("val_score")), format_float(t.get("test_score"))]
         row += [format_estimate(asr_of(t, s, part)) for s in run.asr_sets for part in ("selection", "report")]
         row += [format_estimate(over_refusal_of(t, s, part)) for s in run.xstest_sets for part in ("selection", "report")]
-        row += [fmt_float(dig(t, "seconds", "total"), 1)]
+        row += [format_float(dig(t, "seconds", "total"), 1)]
         rows.append(row)
     return header, rows, highlight
 
@@ -122,11 +122,11 @@ def search_table(run: Run) -> tuple[list[str], list[list[str]]]:
     rows = []
     for step in run.results.get("search_log") or []:
         uppers = step.get("asr_upper") or {}
-        bounds = "; ".join(f"{s}: {fmt_float(v)}" for s, v in uppers.items()) if isinstance(uppers, dict) \
-            else fmt_float(uppers)
+        bounds = "; ".join(f"{s}: {format_float(v)}" for s, v in uppers.items()) if isinstance(uppers, dict) \
+            else format_float(uppers)
         meets = step.get("meets")
         rows.append([str(step.get("phase", "bisect")), str(step.get("method", "")),
                      "all" if step.get("seed") is None else str(step.get("seed")),
-                     fmt_lam(step.get("lam")), MISSING if meets is None else ("yes" if meets else "no"),
+                     format_lam(step.get("lam")), MISSING if meets is None else ("yes" if meets else "no"),
                      bounds or MISSING, str(step.get("trial", ""))[:8]])
     return header, rows
