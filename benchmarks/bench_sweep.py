@@ -88,7 +88,7 @@ def naive(cfg, root: Path) -> tuple[float, int]:
         out = root / f"naive-{i}"
         run_merge(trial.merge_config(cfg, out), progress=False)
         loaded = load_model(str(out), device="cpu", dtype="float32")
-        backend = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint, batch_size=cfg.batch_size)
+        backend = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint, batch_size=cfg.evaluation.batch_size)
         measured = generate_and_score(backend, plan, eval_cfg, quiet)
         judge_all(measured, plan, judge, quiet)
         shutil.rmtree(out)

@@ -153,7 +153,7 @@ def test_sweep_with_the_ray_executor_chooses_as_the_local_one(inputs, local, tmp
 
     base = sweep_config(inputs, tmp_path / "local-run")
     local_result = sweep(base, progress=False).results
-    ray_result = sweep(base.model_copy(update={"out": tmp_path / "ray-run", "executor": "ray", "num_workers": 2}),
+    ray_result = sweep(base.updated(out=tmp_path / "ray-run", executor="ray", num_workers=2),
                        progress=False).results
     assert [without_seconds(t) for t in ray_result["trials"]] == [without_seconds(t) for t in local_result["trials"]]
     assert ray_result["choice"] == local_result["choice"]

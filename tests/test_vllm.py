@@ -173,5 +173,5 @@ def test_vllm_sweep_serves_lambda_trials_as_lora_requests(vllm, tmp_path, sweep_
     rows = [json.loads(line) for line in (tmp_path / "run" / "trials" / lam["key"] / "responses" /
                                           "file_harmful.csv_selection.jsonl").read_text().splitlines()]
     got = want.generate([Request(r["id"], messages=({"role": "user", "content": r["prompt"]},),
-                                 system=cfg.system_prompt) for r in rows], GenerationSettings(max_new_tokens=8))
+                                 system=cfg.evaluation.system_prompt) for r in rows], GenerationSettings(max_new_tokens=8))
     assert [r["response"] for r in rows] == [c.response for c in got]

@@ -199,9 +199,9 @@ def test_the_papers_setup_file_is_a_valid_vllm_sweep():
 
     path = Path(__file__).parents[1] / "examples" / "paper-llama3-8b.yaml"
     cfg = SweepConfig(**yaml.safe_load(path.read_text()))
-    assert cfg.backend == "vllm" and cfg.judge == "wildguard" and len(cfg.finetuned) == 3
+    assert cfg.evaluation.backend == "vllm" and cfg.evaluation.judge == "wildguard" and len(cfg.finetuned) == 3
     assert cfg.method_list == ["linear", "slerp", "dare_linear", "model_stock"] and cfg.lambdas == [0.2, 0.4, 0.6, 0.8]
-    assert cfg.gpu_memory_utilization + cfg.judge_gpu_memory_utilization <= 1
+    assert cfg.evaluation.gpu_memory_utilization + cfg.evaluation.judge_gpu_memory_utilization <= 1
 
 
 def test_a_judge_model_gets_its_own_engine_beside_the_trial_models(lora_inputs, tmp_path):

@@ -24,8 +24,8 @@ def eval_default(name: str):
 
 
 def sweep_default(name: str):
-    """The default of SweepConfig's field NAME: the one place it is defined."""
-    return _default(SweepConfig, name)
+    """The default of the sweep setting NAME (spelled flat, as the option): the one place it is defined."""
+    return SweepConfig.flat_default(name)
 
 
 Debug = Annotated[bool, typer.Option("--debug", help="show the full traceback of an error")]

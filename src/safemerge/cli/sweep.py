@@ -91,8 +91,8 @@ def sweep(
     debug: Debug = False,
 ):
     """Merge by every method and λ, evaluate each merge, choose one, and write it with a report."""
-    # every other option is the SweepConfig field of the same name
-    values = {k: v for k, v in locals().items() if k in SweepConfig.model_fields}
+    # every other option is the sweep setting of the same (flat) name
+    values = {k: v for k, v in locals().items() if k in SweepConfig.flat_fields()}
     values.update(finetuned=[*finetuned, *(more_finetuned or [])], methods=parse_list(methods) if methods else None,
                   lambdas=parse_numbers(lambdas, "--lambdas"), safety=safety or [], task_val=task_val or [],
                   task_test=task_test or [])

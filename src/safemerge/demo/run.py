@@ -118,13 +118,13 @@ def sweep_command(cfg: SweepConfig) -> str:
             "--methods", ",".join(cfg.method_list), "--lambdas", ",".join(f"{x:g}" for x in cfg.lambdas)]
     for spec in cfg.safety:
         args += ["--safety", spec]
-    args += ["--judge", cfg.judge]
+    args += ["--judge", cfg.evaluation.judge]
     for spec in cfg.task_val:
         args += ["--task-val", spec]
     for spec in cfg.task_test:
         args += ["--task-test", spec]
-    args += ["--max-asr-increase", f"{cfg.max_asr_increase:g}", "--max-new-tokens", str(cfg.max_new_tokens),
-             "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--dtype", cfg.dtype]
+    args += ["--max-asr-increase", f"{cfg.max_asr_increase:g}", "--max-new-tokens", str(cfg.evaluation.max_new_tokens),
+             "--batch-size", str(cfg.evaluation.batch_size), "--device", cfg.evaluation.device, "--dtype", cfg.evaluation.dtype]
     return shlex.join(args)
 
 

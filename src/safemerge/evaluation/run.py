@@ -27,7 +27,7 @@ from safemerge.backends.generation import (
     Request,
     TransformersBackend,
 )
-from safemerge.config import EvalConfig, validate
+from safemerge.config import EvalConfig, EvalSettings, validate
 from safemerge.errors import ConfigError
 from safemerge.evaluation import judges as judging
 from safemerge.evaluation.console import progress_bar
@@ -162,7 +162,7 @@ def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
     return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec)
 
 
-def task_options(cfg: EvalConfig) -> dict:
+def task_options(cfg: EvalSettings) -> dict:
     return {"samples": cfg.samples, "temperature": cfg.temperature, "ks": tuple(cfg.pass_k),
             "allow_code_execution": cfg.allow_code_execution, "bertscore_model": cfg.bertscore_model,
             "bertscore_layer": cfg.bertscore_layer}

@@ -18,17 +18,17 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
     from safemerge.checkpoints.readers import open_source
 
     for spec in (cfg.aligned, *cfg.finetuned):
-        open_source(spec, allow_pickle=cfg.allow_pickle)  # headers only: the inputs exist and are readable
-    plan = sweep_plan(cfg, "cpu" if cfg.device == "cpu" else "cuda")  # a sweep that size runs on GPUs
+        open_source(spec, allow_pickle=cfg.evaluation.allow_pickle)  # headers only: the inputs exist and are readable
+    plan = sweep_plan(cfg, "cpu" if cfg.evaluation.device == "cpu" else "cuda")  # a sweep that size runs on GPUs
     trials = estimated_trials(cfg)
     safety = sum(len(p.prompts) for p in plan.safety.values())
     tasks = {name: len(t.items) * int(t.generation.get("num_samples", 1)) for name, t in plan.tasks.items()}
     per_trial = safety + sum(tasks.values())
     judge_model = is_model_judge(plan.judge_spec)
     judge_calls = trials * safety if judge_model else 0
-    generated = trials * per_trial * cfg.max_new_tokens + judge_calls * 128
+    generated = trials * per_trial * cfg.evaluation.max_new_tokens + judge_calls * 128
     engines = None
-    if cfg.backend == "vllm":
+    if cfg.evaluation.backend == "vllm":
         from safemerge.sweeps.vllm import engine_plan
 
         engines = engine_plan(cfg, planned_trials(cfg))

@@ -58,6 +58,6 @@ def make_executor(cfg: SweepConfig, store: TrialStore, log, status) -> Executor:
     if cfg.executor == "ray":
         from safemerge.sweeps.ray import RayExecutor
 
-        return RayExecutor(cfg, store, log, status, address=cfg.address, num_workers=cfg.num_workers,
-                           gpus_per_trial=cfg.gpus_per_trial, cpus_per_trial=cfg.cpus_per_trial)
+        return RayExecutor(cfg, store, log, status, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
+                           gpus_per_trial=cfg.ray.gpus_per_trial, cpus_per_trial=cfg.ray.cpus_per_trial)
     return LocalExecutor(cfg, store, log, status)

@@ -94,7 +94,7 @@ class JudgeWorker:
         os.environ.update(env)
         torch.set_num_threads(threads)
         cfg = SweepConfig(**cfg_json)  # its judge is resolved (never "auto") by the driver
-        self.judge = build_judge(cfg.judge, cfg.eval_config(), pick_device(cfg.device))
+        self.judge = build_judge(cfg.evaluation.judge, cfg.eval_config(), pick_device(cfg.evaluation.device))
 
     def describe(self) -> dict:
         j = self.judge
@@ -193,7 +193,7 @@ class RayExecutor:
                 raise ConfigError(f"--address {self.address}: cannot join the Ray cluster ({first}); "
                                   "start it with `ray start --head` or leave --address out for a local instance") from None
         else:
-            judge = 1 if self.cfg.judge_placement == "shared" else 0  # the shared judge actor: one more
+            judge = 1 if self.cfg.ray.judge_placement == "shared" else 0  # the shared judge actor: one more
             cpus = None if self.num_workers is None else math.ceil((self.num_workers + judge) * self.cpus_per_trial)
             ray.init(address="local", num_cpus=cpus, **quiet)  # a new instance, never a `ray start` one found here
             self.owns_ray = True
@@ -204,14 +204,14 @@ class RayExecutor:
         more than trials to run; refused when not even one fits (it would wait forever)."""
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-        if self.cfg.judge_placement == "shared":  # the judge actor's share is not for workers
-            cpus, gpus = cpus - self.cpus_per_trial, gpus - self.cfg.judge_gpus
+        if self.cfg.ray.judge_placement == "shared":  # the judge actor's share is not for workers
+            cpus, gpus = cpus - self.cpus_per_trial, gpus - self.cfg.ray.judge_gpus
         fits = int(cpus // self.cpus_per_trial)
         if self.gpus_per_trial:
             fits = min(fits, int(gpus // self.gpus_per_trial))
         if fits < 1:
-            judge = f" besides the shared judge ({self.cpus_per_trial:g} CPUs, {self.cfg.judge_gpus:g} GPUs)" \
-                if self.cfg.judge_placement == "shared" else ""
+            judge = f" besides the shared judge ({self.cpus_per_trial:g} CPUs, {self.cfg.ray.judge_gpus:g} GPUs)" \
+                if self.cfg.ray.judge_placement == "shared" else ""
             raise ConfigError(f"the Ray cluster ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs) "
                               f"cannot hold one trial ({self.cpus_per_trial:g} CPUs, {self.gpus_per_trial:g} GPUs)"
                               f"{judge}; lower --gpus-per-trial or add nodes")
@@ -228,10 +228,10 @@ class RayExecutor:
                    "max_restarts": self.retries, "max_task_retries": self.retries}
         cfg_json = self.cfg.model_dump(mode="json")
         threads = max(1, int(self.cpus_per_trial))
-        if self.cfg.judge_placement == "shared" and self.judge_actor is None:
-            if not is_model_judge(self.cfg.judge):
-                raise ConfigError(f"--judge-placement shared is for a judge model; the judge here is {self.cfg.judge}")
-            judge = ray.remote(JudgeWorker).options(**{**options, "num_gpus": self.cfg.judge_gpus})
+        if self.cfg.ray.judge_placement == "shared" and self.judge_actor is None:
+            if not is_model_judge(self.cfg.evaluation.judge):
+                raise ConfigError(f"--judge-placement shared is for a judge model; the judge here is {self.cfg.evaluation.judge}")
+            judge = ray.remote(JudgeWorker).options(**{**options, "num_gpus": self.cfg.ray.judge_gpus})
             self.judge_actor = judge.remote(cfg_json, env, threads)
         while len(self.actors) < wanted:
             self.actors.append(worker.options(**options).remote(cfg_json, env, threads, self.judge_actor))
@@ -263,11 +263,11 @@ class RayExecutor:
     def order(self, todo: list[tuple[Trial, str]]) -> list[tuple[Trial, str]]:
         """vLLM: the trials an aligned-model engine serves (λ as LoRA requests) first, so that a
         worker does not go back and forth between that engine and engines on written merges."""
-        if self.cfg.backend != "vllm":
+        if self.cfg.evaluation.backend != "vllm":
             return todo
         from safemerge.sweeps.vllm import servable_adapter, served_by_lora
 
-        adapters = {f for f in self.cfg.finetuned if servable_adapter(f, self.cfg.allow_pickle) is not None}
+        adapters = {f for f in self.cfg.finetuned if servable_adapter(f, self.cfg.evaluation.allow_pickle) is not None}
         return sorted(todo, key=lambda item: not served_by_lora(item[0], adapters))
 
     def evaluate(self, todo: list[tuple[Trial, str]], positions: dict[str, list[int]], items, records, on_done) -> None:

@@ -49,17 +49,17 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
     from safemerge.checkpoints.readers import open_source
 
     check_run_directory(cfg.out)
-    if cfg.backend == "vllm":
+    if cfg.evaluation.backend == "vllm":
         from safemerge.backends.vllm import require_vllm
 
         require_vllm()  # one line now, not after the inputs are fingerprinted
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.evaluation.device)
     plan = sweep_plan(cfg, device)  # every input file checked before anything runs
-    if cfg.judge == "auto":  # decided here, once: workers on other devices judge alike
-        cfg = cfg.model_copy(update={"judge": plan.judge_spec})
-    fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()}
+    if cfg.evaluation.judge == "auto":  # decided here, once: workers on other devices judge alike
+        cfg = cfg.updated(judge=plan.judge_spec)
+    fingerprints = {CFG_ALIGNED: open_source(cfg.aligned, allow_pickle=cfg.evaluation.allow_pickle).fingerprint()}
     for f in cfg.finetuned:
-        fingerprints[f] = open_source(f, allow_pickle=cfg.allow_pickle).fingerprint()
+        fingerprints[f] = open_source(f, allow_pickle=cfg.evaluation.allow_pickle).fingerprint()
     identity = evaluation_identity(cfg, plan)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)

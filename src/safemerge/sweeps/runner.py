@@ -31,8 +31,8 @@ class LiveTrialModels:
         from safemerge.backends.models import load_model
 
         self.cfg = cfg
-        self.live = load_model(cfg.aligned, device=device, dtype=cfg.dtype, chat_template=cfg.chat_template,
-                               allow_pickle=cfg.allow_pickle)
+        self.live = load_model(cfg.aligned, device=device, dtype=cfg.evaluation.dtype, chat_template=cfg.evaluation.chat_template,
+                               allow_pickle=cfg.evaluation.allow_pickle)
         self.merger = LiveMerger(self.live.model)
 
     def order(self, trials: list[Trial]) -> list[Trial]:
@@ -45,7 +45,7 @@ class LiveTrialModels:
     def backend(self, trial: Trial) -> tuple[TransformersBackend, str]:
         fingerprint = self.merger.merge(trial.merge_config(self.cfg, self.cfg.out / "merged"))
         return TransformersBackend(self.live.model, self.live.tokenizer, model_id=fingerprint,
-                                   batch_size=self.cfg.batch_size), fingerprint
+                                   batch_size=self.cfg.evaluation.batch_size), fingerprint
 
     def close(self) -> None:
         self.live = self.merger = None
@@ -61,9 +61,9 @@ class TrialRunner:
 
         self.cfg = cfg
         self.eval_cfg = cfg.eval_config()
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(cfg.evaluation.device)
         self.plan = sweep_plan(cfg, self.device)
-        if cfg.backend == "vllm":
+        if cfg.evaluation.backend == "vllm":
             from safemerge.sweeps.vllm import VllmTrialModels
 
             self.models = VllmTrialModels(cfg)

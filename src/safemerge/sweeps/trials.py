@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safemerge.config import DEFAULT_DENSITY, MergeConfig, SweepConfig
 from safemerge.errors import ConfigError
 from safemerge.evaluation.prompts import load_safety_set
-from safemerge.evaluation.run import EvalPlan, resolve_judge, unique_names
+from safemerge.evaluation.run import EvalPlan, limit_task, resolve_judge, task_options, unique_names
 from safemerge.evaluation.tasks.base import Task
 from safemerge.evaluation.tasks.registry import load_task
 from safemerge.merging import methods
@@ -56,7 +56,7 @@ class Trial:
         """The `safemerge merge` that makes this trial's model (baselines: linear at λ 0 or 1)."""
         return MergeConfig(aligned=cfg.aligned, finetuned=list(self.finetuned), out=out, method=self.method,
                            lam=self.lam, density=self.density,
-                           seed=cfg.merge_seed, dtype=cfg.merge_dtype, allow_pickle=cfg.allow_pickle)
+                           seed=cfg.merge.seed, dtype=cfg.merge.dtype, allow_pickle=cfg.evaluation.allow_pickle)
 
 
 def baselines(cfg: SweepConfig) -> list[Trial]:
@@ -66,7 +66,7 @@ def baselines(cfg: SweepConfig) -> list[Trial]:
 
 def merge_trial(cfg: SweepConfig, method: str, lam: float | None, seed: int | None) -> Trial:
     takes = methods.get(method).parameters
-    density = (cfg.density if cfg.density is not None else DEFAULT_DENSITY) if "density" in takes else None
+    density = (cfg.merge.density if cfg.merge.density is not None else DEFAULT_DENSITY) if "density" in takes else None
     finetuned = tuple(cfg.finetuned) if seed is None else (cfg.finetuned[seed],)
     return Trial("merge", method, round(lam, 6) if "lam" in takes else None, density, seed, finetuned)
 
@@ -88,20 +88,18 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
         if spec.startswith("lm-eval:"):
             raise ConfigError(f"{spec}: lm-evaluation-harness tasks are not supported in sweeps yet; "
                               "use bbh:PATH[:TASK], gsm8k or file:PATH[:SCORER], or `safemerge evaluate` on the result")
+    limit = cfg.evaluation.limit
     safety = {}
     for pset in unique_names(load_safety_set(s) for s in cfg.safety).values():
-        pset = pset.limit(cfg.limit) if cfg.limit else pset
+        pset = pset.limit(limit) if limit else pset
         for part in pset.split(cfg.selection_fraction, cfg.split_seed):
             safety[part.name] = part
-    eval_cfg = cfg.eval_config()
-    options = {"samples": cfg.samples, "temperature": cfg.temperature, "ks": tuple(cfg.pass_k),
-               "allow_code_execution": cfg.allow_code_execution, "bertscore_model": cfg.bertscore_model,
-               "bertscore_layer": cfg.bertscore_layer, "bertscore_device": device}
+    options = task_options(cfg.evaluation) | {"bertscore_device": device}
     tasks = {}
     for role, specs in (("val", cfg.task_val), ("test", cfg.task_test)):
         for name, task in unique_names(load_task(s, **options) for s in specs).items():
-            tasks[f"{role}/{name}"] = replace(task, items=task.items[:cfg.limit]) if cfg.limit else task
-    judge_spec = resolve_judge(eval_cfg.judge, device)
+            tasks[f"{role}/{name}"] = limit_task(task, limit) if limit else task
+    judge_spec = resolve_judge(cfg.evaluation.judge, device)
     from safemerge.evaluation.judges import make_judge
 
     make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
@@ -118,7 +116,7 @@ def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
         "safety": {name: pset.sha256 for name, pset in plan.safety.items()},
         "tasks": {name: task_digest(task) for name, task in plan.tasks.items()},
         "judge": plan.judge_spec,
-        "merge": {"dtype": cfg.merge_dtype, "seed": cfg.merge_seed},
+        "merge": {"dtype": cfg.merge.dtype, "seed": cfg.merge.seed},
         "record": RECORD_VERSION,
     }
 

@@ -56,7 +56,7 @@ def served_by_lora(trial, adapters) -> bool:
 
 def engine_plan(cfg: SweepConfig, trials: list) -> dict:
     """How a vLLM sweep serves these trials (from the adapters' headers, no model is loaded)."""
-    adapters = {f for f in cfg.finetuned if servable_adapter(f, cfg.allow_pickle) is not None}
+    adapters = {f for f in cfg.finetuned if servable_adapter(f, cfg.evaluation.allow_pickle) is not None}
     lora = sum(served_by_lora(t, adapters) for t in trials)
     merged = len(trials) - lora
     return {"lora_adapters": len(adapters), "lora_trials": lora, "merged_trials": merged,
@@ -69,10 +69,10 @@ class VllmTrialModels:
 
     def __init__(self, cfg: SweepConfig):
         self.cfg = cfg
-        found = {f: servable_adapter(f, cfg.allow_pickle) for f in cfg.finetuned}
+        found = {f: servable_adapter(f, cfg.evaluation.allow_pickle) for f in cfg.finetuned}
         self.adapters = {f: a for f, a in found.items() if a is not None}  # spec -> (directory, rank)
         self.fingerprints = {f: adapter_fingerprint(path) for f, (path, _) in self.adapters.items()}
-        self.aligned_fingerprint = open_source(cfg.aligned, allow_pickle=cfg.allow_pickle).fingerprint()
+        self.aligned_fingerprint = open_source(cfg.aligned, allow_pickle=cfg.evaluation.allow_pickle).fingerprint()
         self.scratch = cfg.out / "scratch" / f"{socket.gethostname()}-{os.getpid()}"
         self.engine: VllmBackend | None = None
         self.engine_holds: str | None = None  # "aligned", or the scratch path of a merged model
@@ -137,10 +137,10 @@ class VllmTrialModels:
         # max_loras: adapters in one batch, so every λ of every seed (and λ = 1) shares the batches
         options = {"max_lora_rank": lora_rank_slot(lora_rank), "max_loras": len(self.fingerprints) * (len(self.cfg.lambdas) + 1)} \
             if lora_rank is not None else {}
-        self.engine = VllmBackend(model, model_id=model_id, tensor_parallel_size=self.cfg.tensor_parallel_size,
-                                  dtype=self.cfg.dtype, seed=self.cfg.seed,
-                                  gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                                  chat_template=self.cfg.chat_template, enable_lora=lora_rank is not None, **options)
+        self.engine = VllmBackend(model, model_id=model_id, tensor_parallel_size=self.cfg.evaluation.tensor_parallel_size,
+                                  dtype=self.cfg.evaluation.dtype, seed=self.cfg.evaluation.seed,
+                                  gpu_memory_utilization=self.cfg.evaluation.gpu_memory_utilization,
+                                  chat_template=self.cfg.evaluation.chat_template, enable_lora=lora_rank is not None, **options)
         self.engine_holds = holds
 
     def close_engine(self) -> None:
