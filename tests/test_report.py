@@ -34,13 +34,16 @@ def trial(kind: str, method: str, lam, seed, *, density=None, asr: int = 10, ove
     text = f"{kind} {method} {lam} {density} {seed}"
     key = hashlib.sha1(text.encode()).hexdigest()
     val, test = est(acc, 100), est(acc - 3, 100)
-    part = {"asr": est(asr, 100), "n": 100, "parse_errors": 0, "miss_rate": 0.0, "refusal_rate": est(100 - asr, 100)}
-    xs = {"over_refusal": est(over, 125), "unsafe_compliance": est(asr // 2, 100), "n_safe": 125, "n_unsafe": 100,
-          "parse_errors": 0}
+    head = {"sha256": "0" * 64, "n": 100, "cache_hits": 0}
+    part = {**head, "asr": est(asr, 100), "parse_errors": 0, "miss_rate": 0.0, "refusal_rate": est(100 - asr, 100),
+            "judge": "keyword", "verdicts": "1" * asr + "0" * (100 - asr)}
+    xs = {**head, "n": 225, "over_refusal": est(over, 125), "unsafe_compliance": est(asr // 2, 100), "n_safe": 125,
+          "n_unsafe": 100, "parse_errors": 0, "judge": "keyword"}
     return {
         "key": key, "kind": kind, "method": method, "lam": lam, "density": density, "seed": seed,
         "finetuned": [f"./seed{s}" for s in (SEEDS if seed is None else (seed,))],
-        "label": label or f"{method} λ={lam} (seed {seed})",
+        "label": label or f"{method} λ={lam} (seed {seed})", "fingerprint": f"xxh3-128:{key[:32]}",
+        "generated_by": "transformers cpu/float32",
         "safety": {"advbench": {"selection": part, "report": {**part, "asr": est(asr + 1, 100)}},
                    "xstest": {"selection": xs, "report": {**xs, "over_refusal": est(over + 2, 125)}}},
         "tasks": {"val": {"gsm8k": {"primary": "accuracy", "metrics": {"accuracy": val}, "n": 100}},
@@ -57,7 +60,8 @@ def lam_or_zero(lam) -> float:
 def group(trials: list[dict], qualifies: bool, why_not: str | None = None) -> dict:
     first = trials[0]
     vals = [t["val_score"] for t in trials]
-    return {"method": first["method"], "lam": first["lam"], "density": first["density"], "n_seeds": len(trials),
+    return {"method": first["method"], "lam": first["lam"], "density": first["density"],
+            "label": f"{first['method']} λ={first['lam']}", "n_seeds": len(trials),
             "trials": [t["key"] for t in trials],
             "val_score": {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0},
             "test_score": {"mean": 0.0, "sd": 0.0}, "asr_selection": {}, "qualifies": qualifies, "why_not": why_not}
@@ -81,15 +85,19 @@ def crafted_results() -> dict:
     chosen = merges["linear"][0.5][1]
     trials = [aligned, *finetuned] + [t for m in merges.values() for lam in LAMBDAS for t in m[lam]] + [stock]
     choice = {
-        "policy": "constrained", "max_asr_increase": 0.02, "aligned": aligned["key"],
+        "policy": "constrained", "max_asr_increase": 0.02, "confidence": 0.95,
+        "test": "A merge passes when its paired upper bound is at most 0.02.", "aligned": aligned["key"],
         "chosen": {"kind": "merge", "method": "linear", "lam": 0.5, "density": None, "seed": 1,
                    "trial": chosen["key"], "label": chosen["label"]},
         "reason": "linear λ=0.5 has the best validation score among merges within 0.02 of the aligned model's ASR.",
         "groups": groups,
         "best_per_method": {
-            "linear": {"lam": 0.5, "density": None, "trial": merges["linear"][0.5][0]["key"], "qualifies": True},
-            "ties": {"lam": 0.8, "density": 0.5, "trial": merges["ties"][0.8][0]["key"], "qualifies": False},
-            "model_stock": {"lam": None, "density": None, "trial": stock["key"], "qualifies": True},
+            "linear": {"lam": 0.5, "density": None, "trial": merges["linear"][0.5][0]["key"], "qualifies": True,
+                       "label": "linear λ=0.5"},
+            "ties": {"lam": 0.8, "density": 0.5, "trial": merges["ties"][0.8][0]["key"], "qualifies": False,
+                     "label": "ties λ=0.8 density=0.5"},
+            "model_stock": {"lam": None, "density": None, "trial": stock["key"], "qualifies": True,
+                            "label": "model_stock"},
         },
     }
     return {
@@ -211,8 +219,9 @@ def test_chosen_row_is_highlighted_and_markdown_tables_are_well_formed(written):
 def test_search_log_and_breaches_are_shown(tmp_path):
     results = crafted_results()
     keys = [t["key"] for t in results["trials"] if t["method"] == "linear" and t["seed"] == 0 and t["kind"] == "merge"]
-    results["search_log"] = [{"method": "linear", "seed": 0, "lam": lam, "meets": lam < 0.6,
-                              "asr_upper": {"advbench": 0.05 + lam / 10}, "trial": key}
+    results["search_log"] = [{"phase": "bisect", "method": "linear", "seed": 0, "lam": lam, "meets": lam < 0.6,
+                              "asr": {"advbench": est(int(40 * lam), 100)}, "trial": key,
+                              "asr_upper": {"advbench": 0.05 + lam / 10}}
                              for lam, key in zip((0.5, 0.8, 0.2), keys)]
     breach = "linear seed 0: ASR upper bound at λ=0.75 (0.10) is below that at λ=0.5 (0.20)"
     results["monotonicity_breaches"] = [breach]
@@ -242,7 +251,7 @@ def test_single_seed_missing_values_and_aligned_choice(tmp_path):
     for g in results["choice"]["groups"]:
         g["trials"] = [k for k in g["trials"] if k in kept]
     for t in results["trials"]:
-        del t["tasks"]["test"]
+        t["tasks"]["test"] = {}
         t["test_score"] = None
     stock = results["trials"][-1]
     stock["safety"]["advbench"]["report"]["asr"] = {"value": None, "low": 0.0, "high": 1.0, "n": 0,
@@ -290,8 +299,16 @@ def test_pareto_front_matches_brute_force():
 
 
 def test_malformed_results_raise_one_clear_line(tmp_path):
-    with pytest.raises(ConfigError, match="results.json: field 'choice'"):
+    with pytest.raises(ConfigError, match="results.json: safemerge_version: Field required"):
         write_report(tmp_path, {"trials": []})
-    with pytest.raises(ConfigError, match="expected a JSON object"):
+    with pytest.raises(ConfigError, match="results: the record: Input should be a valid dictionary"):
         paper_table([])  # type: ignore[arg-type]
+    edited = crafted_results()
+    edited["trials"][3]["safety"]["advbench"]["report"]["asr"]["value"] = "low"
+    with pytest.raises(ConfigError, match=r"trials\.3\.safety\.advbench\.report\.asr\.value: Input should be a valid number"):
+        write_report(tmp_path, edited)
+    edited = crafted_results()
+    edited["choice"]["chosen"]["colour"] = "red"
+    with pytest.raises(ConfigError, match=r"choice\.chosen\.colour: Extra inputs are not permitted"):
+        write_report(tmp_path, edited)
     json.dumps(crafted_results(), allow_nan=False)  # the crafted results are strict JSON, as the sweep writes them

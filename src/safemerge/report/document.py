@@ -26,19 +26,15 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
     results = run.results
     header, cells, rows = paper_table_of(run)
     blocks: list = [Heading("safemerge sweep report", 1)]
-    made = " ".join(x for x in (f"Created {results['created']}" if results.get("created") else "",
-                                f"by safemerge {results['safemerge_version']}" if results.get("safemerge_version")
-                                else "") if x)
-    if made:
-        blocks.append(Para(made + "."))
-    blocks.append(Para("Choice: " + str(run.choice.get("reason") or "no reason was recorded.")))
-    if run.choice.get("test") and run.choice.get("policy") == "constrained":
-        blocks.append(Para("The safety test: " + str(run.choice["test"])))
-    breaches = results.get("monotonicity_breaches") or []
+    blocks.append(Para(f"Created {results['created']} by safemerge {results['safemerge_version']}."))
+    blocks.append(Para("Choice: " + run.choice["reason"]))
+    if run.choice["policy"] == "constrained":
+        blocks.append(Para("The safety test: " + run.choice["test"]))
+    breaches = results["monotonicity_breaches"]
     if breaches:
         blocks.append(Para(f"Warning: {len(breaches)} breach(es) of the assumption that ASR grows with λ; "
                            "see 'Monotonicity breaches' below."))
-    if results.get("merged"):
+    if results["merged"]:
         blocks.append(Para("The chosen model is written to", link=(str(results["merged"]), link_target(results["merged"]))))
     split_note = "test" if run.table_split == "test" else "validation (there is no test task)"
     blocks += [Heading("Results"),
@@ -49,7 +45,7 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
     notes = [f"{r.name}: {r.why_not}" for r in rows if r.why_not]
     if notes:
         blocks += [Para(f"{FAILS_MARK} does not meet the safety constraint:"), Bullets(notes)]
-    reproduce = results.get("reproduce")
+    reproduce = results["reproduce"]
     blocks += [Heading("Reproduce"), Code(str(reproduce), "bash") if reproduce else
                Para("No merge was chosen, so there is nothing to write: use the aligned model as it is.")]
     blocks += _plot_blocks(run, plots)
@@ -81,10 +77,10 @@ def _plot_blocks(run: Run, plots: dict[str, bytes]) -> list:
 
 
 def _settings_blocks(results: dict) -> list:
-    config = results.get("config") or {}
+    config = results["config"]
     items = [f"{k}: {json.dumps(config[k], ensure_ascii=False, sort_keys=True)}" for k in SETTING_KEYS if k in config]
     blocks: list = [Heading("Settings"), Bullets(items or ["no configuration was recorded"])]
-    if results.get("command"):
+    if results["command"]:
         blocks += [Para("The command that ran the sweep:"), Code(str(results["command"]), "bash")]
     if config:
         blocks += [Heading("Full configuration", 3), Code(json.dumps(config, indent=2, ensure_ascii=False), "json")]

@@ -49,7 +49,7 @@ def tradeoff_points(run: Run) -> list[tuple[float, float, dict]]:
         return []
     points = []
     for t in run.trials:
-        x, y = number(t.get(f"{run.score_split}_score")), number(dig(asr_of(t, run.asr_sets[0]), "value"))
+        x, y = number(t[f"{run.score_split}_score"]), number(dig(asr_of(t, run.asr_sets[0]), "value"))
         if x is not None and y is not None:
             points.append((x, y, t))
     return points
@@ -60,15 +60,15 @@ def _tradeoff_plot(run: Run) -> bytes:
     ax = fig.add_subplot()
     points = tradeoff_points(run)
     for method in run.methods:
-        mine = [(x, y, t) for x, y, t in points if t.get("kind") == "merge" and t.get("method") == method]
+        mine = [(x, y, t) for x, y, t in points if t["kind"] == "merge" and t["method"] == method]
         if mine:
             ax.scatter([p[0] for p in mine], [p[1] for p in mine], color=run.colour(method), label=method, zorder=3)
         for x, y, t in mine:
-            if number(t.get("lam")) is not None:
-                ax.annotate(format_lam(t.get("lam")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if number(t["lam"]) is not None:
+                ax.annotate(format_lam(t["lam"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for kind, style in (("aligned", {"marker": "*", "s": 220, "color": "black"}),
                         ("finetuned", {"marker": "X", "s": 110, "color": "#555555"})):
-        mine = [(x, y) for x, y, t in points if t.get("kind") == kind]
+        mine = [(x, y) for x, y, t in points if t["kind"] == kind]
         if mine:
             ax.scatter(*zip(*mine), label="fine-tuned" if kind == "finetuned" else kind, zorder=4, **style)
     if points:
@@ -91,31 +91,30 @@ def _tradeoff_plot(run: Run) -> bytes:
 
 
 def _chosen_point(run: Run, points: list[tuple[float, float, dict]]) -> tuple[float, float] | None:
-    chosen = run.choice.get("chosen") or {}
-    key = run.choice.get("aligned") if chosen.get("kind") == "aligned" else chosen.get("trial")
+    key = run.choice["chosen"]["trial"]
     for x, y, t in points:
-        if t.get("key") == key or (chosen.get("kind") == "aligned" and key is None and t.get("kind") == "aligned"):
+        if t["key"] == key:
             return x, y
     return None
 
 
 def lambda_methods(run: Run) -> list[str]:
     """Methods with a λ axis; model_stock sets its own interpolation and is drawn as a band instead."""
-    return [m for m in run.methods if any(number(t.get("lam")) is not None for t in run.merges(m))]
+    return [m for m in run.methods if any(number(t["lam"]) is not None for t in run.merges(m))]
 
 
 def _lambda_panel(ax, run: Run, method: str, estimate: Callable[[dict], dict | None], ylabel: str) -> None:
-    trials = [t for t in run.merges(method) if number(t.get("lam")) is not None]
-    seeds = sorted({t.get("seed") for t in trials}, key=lambda s: (s is not None, s if s is not None else 0))
-    densities = sorted({number(t.get("density")) for t in trials}, key=lambda d: (d is not None, d or 0.0))
+    trials = [t for t in run.merges(method) if number(t["lam"]) is not None]
+    seeds = sorted({t["seed"] for t in trials}, key=lambda s: (s is not None, s if s is not None else 0))
+    densities = sorted({number(t["density"]) for t in trials}, key=lambda d: (d is not None, d or 0.0))
     several = len(seeds) > 1
     colour = run.colour(method)
     for di, density in enumerate(densities):
         style = ("-", "--", ":", "-.")[di % 4]
         name = method if density is None else f"{method} density {density:g}"
-        mine = [t for t in trials if number(t.get("density")) == density]
+        mine = [t for t in trials if number(t["density"]) == density]
         for si, seed in enumerate(seeds):
-            pts = sorted(((t["lam"], estimate(t) or {}) for t in mine if t.get("seed") == seed), key=lambda p: p[0])
+            pts = sorted(((t["lam"], estimate(t) or {}) for t in mine if t["seed"] == seed), key=lambda p: p[0])
             pts = [(lam, est) for lam, est in pts if number(est.get("value")) is not None]
             if not pts:
                 continue

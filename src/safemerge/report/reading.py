@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from safemerge.errors import ConfigError
 from safemerge.evaluation.prompts import is_xstest
+from safemerge.sweeps.records import SweepResults, checked
 
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -41,39 +41,34 @@ class Run:
 
     @property
     def choice(self) -> dict:
-        return self.results.get("choice") or {}
+        return self.results["choice"]
 
     def by_key(self) -> dict[str, dict]:
-        return {t.get("key"): t for t in self.trials}
+        return {t["key"]: t for t in self.trials}
 
     def colour(self, method: str) -> str:
         return TAB10[self.methods.index(method) % len(TAB10)] if method in self.methods else "#7f7f7f"
 
     def merges(self, method: str) -> list[dict]:
-        return [t for t in self.trials if t.get("kind") == "merge" and t.get("method") == method]
+        return [t for t in self.trials if t["kind"] == "merge" and t["method"] == method]
 
     def kind(self, kind: str) -> list[dict]:
-        return [t for t in self.trials if t.get("kind") == kind]
+        return [t for t in self.trials if t["kind"] == kind]
 
 
 def read_run(results: dict, where: str = "results") -> Run:
-    if not isinstance(results, dict):
-        raise ConfigError(f"{where}: expected a JSON object; rebuild it with `safemerge sweep` (same command, it resumes)")
-    for key, kind in (("trials", list), ("choice", dict)):
-        if not isinstance(results.get(key), kind):
-            raise ConfigError(f"{where}: field '{key}' is missing or not a {kind.__name__}; "
-                              "rerun the sweep with the same command to rebuild it")
-    trials = [t for t in results["trials"] if isinstance(t, dict)]
-    sets = list(dict.fromkeys(s for t in trials for s in (t.get("safety") or {})))
+    """RESULTS read through the schema the sweep writes them with: a missing or edited field is one line."""
+    results = checked(SweepResults, results, where)
+    trials = results["trials"]
+    sets = list(dict.fromkeys(s for t in trials for s in t["safety"]))
     table_split, table_tasks = "test", []
     for split in ("test", "val"):
-        tasks = {name: str(entry.get("primary")) for t in trials
-                 for name, entry in (dig(t, "tasks", split) or {}).items() if isinstance(entry, dict)}
+        tasks = {name: entry["primary"] for t in trials for name, entry in t["tasks"][split].items()}
         if tasks:
             table_split, table_tasks = split, list(tasks.items())
             break
-    score_split = "test" if any(number(t.get("test_score")) is not None for t in trials) else "val"
-    methods = list(dict.fromkeys(str(t.get("method")) for t in trials if t.get("kind") == "merge"))
+    score_split = "test" if any(t["test_score"] is not None for t in trials) else "val"
+    methods = list(dict.fromkeys(t["method"] for t in trials if t["kind"] == "merge"))
     return Run(results, trials, [s for s in sets if not is_xstest(s)], [s for s in sets if is_xstest(s)],
                table_split, table_tasks, score_split, methods)
 
@@ -92,10 +87,8 @@ def task_metric(trial: dict, split: str, task: str, primary: str) -> dict | None
 
 def task_score(trial: dict, split: str) -> dict:
     """The trial's task score as an estimate; it has an interval only when one task makes the score."""
-    tasks = dig(trial, "tasks", split) or {}
+    tasks = trial["tasks"][split]
     if len(tasks) == 1:
         (entry,) = tasks.values()
-        est = dig(entry, "metrics", entry.get("primary")) if isinstance(entry, dict) else None
-        if isinstance(est, dict):
-            return est
-    return {"value": trial.get(f"{split}_score")}
+        return entry["metrics"][entry["primary"]]
+    return {"value": trial[f"{split}_score"]}

@@ -14,7 +14,7 @@ from safemerge.report.formatting import (
     format_lam,
     format_mean_sd,
 )
-from safemerge.report.reading import Run, asr_of, dig, number, over_refusal_of, read_run, task_metric
+from safemerge.report.reading import Run, asr_of, dig, over_refusal_of, read_run, task_metric
 
 
 @dataclass
@@ -42,39 +42,38 @@ def _columns(run: Run) -> list[Column]:
 
 
 def _group_of(run: Run, trial_key) -> dict | None:
-    return next((g for g in run.choice.get("groups") or [] if trial_key in (g.get("trials") or [])), None)
+    return next((g for g in run.choice["groups"] if trial_key in g["trials"]), None)
 
 
 def _merge_row(run: Run, method: str, trial_key) -> Row:
     """One (method, λ, density) at the mean over its seeds, from the choice's group holding trial_key."""
     by_key = run.by_key()
     group = _group_of(run, trial_key) or {"trials": [trial_key]}
-    trials = [by_key[k] for k in group.get("trials") or [] if k in by_key]
-    first = by_key.get(trial_key) or (trials[0] if trials else {})
-    density = number(first.get("density"))
+    trials = [by_key[k] for k in group["trials"] if k in by_key]
+    first = by_key.get(trial_key) or (trials[0] if trials else {"lam": None, "density": None})
+    density = first["density"]
     name = method if density is None else f"{method} (density {density:g})"
     why_not = None
-    if group.get("qualifies") is False:
+    if group.get("qualifies") is False:  # a trial outside every group has no verdict
         name += f" {FAILS_MARK}"
-        why_not = group.get("why_not") or "does not meet the safety constraint"
-    return Row(name, first.get("lam"), trials, why_not=why_not)
+        why_not = group["why_not"] or "does not meet the safety constraint"
+    return Row(name, first["lam"], trials, why_not=why_not)
 
 
 def _rows(run: Run) -> list[Row]:
-    chosen = run.choice.get("chosen") or {}
-    aligned = run.kind("aligned") or [t for t in run.trials if t.get("key") == run.choice.get("aligned")]
-    rows = [Row("aligned", 0.0, aligned, chosen=chosen.get("kind") == "aligned"),
+    chosen = run.choice["chosen"]
+    aligned = run.kind("aligned") or [t for t in run.trials if t["key"] == run.choice["aligned"]]
+    rows = [Row("aligned", 0.0, aligned, chosen=chosen["kind"] == "aligned"),
             Row("fine-tuned", 1.0, run.kind("finetuned"))]
-    best = run.choice.get("best_per_method") or {}
-    for method, pick in best.items():
-        row = _merge_row(run, method, dig(pick, "trial"))
-        if dig(pick, "qualifies") is False and row.why_not is None:
+    for method, pick in run.choice["best_per_method"].items():
+        row = _merge_row(run, method, pick["trial"])
+        if not pick["qualifies"] and row.why_not is None:
             row.name, row.why_not = f"{row.name} {FAILS_MARK}", "does not meet the safety constraint"
         rows.append(row)
-    if chosen.get("kind") == "merge":
-        hit = next((r for r in rows[2:] if chosen.get("trial") in {t.get("key") for t in r.trials}), None)
+    if chosen["kind"] == "merge":
+        hit = next((r for r in rows[2:] if chosen["trial"] in {t["key"] for t in r.trials}), None)
         if hit is None:  # the chosen merge is not a method's best: show it too, never leave it out
-            hit = _merge_row(run, str(chosen.get("method")), chosen.get("trial"))
+            hit = _merge_row(run, str(chosen["method"]), chosen["trial"])
             rows.append(hit)
         hit.chosen = True
     return rows
@@ -96,23 +95,22 @@ def paper_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def trials_table(run: Run) -> tuple[list[str], list[list[str]], int | None]:
-    chosen_key = dig(run.choice, "chosen", "trial") or (
-        run.choice.get("aligned") if dig(run.choice, "chosen", "kind") == "aligned" else None)
+    chosen_key = run.choice["chosen"]["trial"]
     header = ["chosen", "trial", "key", "kind", "method", "λ", "density", "seed", "val score", "test score"]
     header += [f"ASR {s} {part}" for s in run.asr_sets for part in ("selection", "report")]
     header += [f"over-refusal {s} {part}" for s in run.xstest_sets for part in ("selection", "report")]
     header += ["seconds"]
     rows, highlight = [], None
     for i, t in enumerate(run.trials):
-        chosen = chosen_key is not None and t.get("key") == chosen_key
+        chosen = t["key"] == chosen_key
         highlight = i if chosen else highlight
-        seed = t.get("seed")
-        row = [CHOSEN_MARK if chosen else "", str(t.get("label", "")), str(t.get("key", ""))[:8], str(t.get("kind", "")),
-               str(t.get("method", "")), format_lam(t.get("lam")), format_lam(t.get("density")),
-               "all" if seed is None else str(seed), format_float(t.get("val_score")), format_float(t.get("test_score"))]
+        seed = t["seed"]
+        row = [CHOSEN_MARK if chosen else "", t["label"], t["key"][:8], t["kind"], t["method"], format_lam(t["lam"]),
+               format_lam(t["density"]), "all" if seed is None else str(seed), format_float(t["val_score"]),
+               format_float(t["test_score"])]
         row += [format_estimate(asr_of(t, s, part)) for s in run.asr_sets for part in ("selection", "report")]
         row += [format_estimate(over_refusal_of(t, s, part)) for s in run.xstest_sets for part in ("selection", "report")]
-        row += [format_float(dig(t, "seconds", "total"), 1)]
+        row += [format_float(t["seconds"].get("total"), 1)]
         rows.append(row)
     return header, rows, highlight
 
@@ -120,13 +118,8 @@ def trials_table(run: Run) -> tuple[list[str], list[list[str]], int | None]:
 def search_table(run: Run) -> tuple[list[str], list[list[str]]]:
     header = ["search", "method", "seed", "λ", "passes the safety test", "upper bound of ASR − aligned ASR", "trial"]
     rows = []
-    for step in run.results.get("search_log") or []:
-        uppers = step.get("asr_upper") or {}
-        bounds = "; ".join(f"{s}: {format_float(v)}" for s, v in uppers.items()) if isinstance(uppers, dict) \
-            else format_float(uppers)
-        meets = step.get("meets")
-        rows.append([str(step.get("phase", "bisect")), str(step.get("method", "")),
-                     "all" if step.get("seed") is None else str(step.get("seed")),
-                     format_lam(step.get("lam")), MISSING if meets is None else ("yes" if meets else "no"),
-                     bounds or MISSING, str(step.get("trial", ""))[:8]])
+    for step in run.results["search_log"]:
+        bounds = "; ".join(f"{s}: {format_float(v)}" for s, v in step["asr_upper"].items())
+        rows.append([step["phase"], step["method"], "all" if step["seed"] is None else str(step["seed"]),
+                     format_lam(step["lam"]), "yes" if step["meets"] else "no", bounds or MISSING, step["trial"][:8]])
     return header, rows

@@ -24,6 +24,7 @@ from safemerge.errors import ConfigError
 from safemerge.sweeps import choose as choosing
 from safemerge.sweeps.dry_run import estimated_trials
 from safemerge.sweeps.executors import make_executor
+from safemerge.sweeps.records import SweepResults, checked
 from safemerge.sweeps.refine import bisect_groups, refine, run_bisection
 from safemerge.sweeps.store import TrialStore
 from safemerge.sweeps.trials import (
@@ -139,14 +140,16 @@ def finish(cfg: SweepConfig, results: dict, progress: bool) -> None:
         run_merge(merge_cfg, progress=progress, note=note)
     if cfg.keep == "chosen" and keep:
         results["merged"] = "merged"
-    write_json(cfg.out / "results.json", results)
+    write_results(cfg.out / "results.json", results)
     write_report(cfg.out, results)
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_results(path: Path, results: dict) -> None:
+    """results.json, through its schema."""
     from safemerge.checkpoints.writer import write_file
 
     tmp = path.with_name(f".{path.name}.tmp")
+    data = checked(SweepResults, results, path)
     write_file(tmp, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     tmp.replace(path)
 
@@ -172,7 +175,7 @@ def rebuild_report(run_dir: Path) -> dict:
     results = assemble(cfg, records, previous.get("search_log", []), previous.get("monotonicity_breaches", []),
                        previous.get("command"))
     results["merged"] = previous.get("merged")
-    write_json(run_dir / "results.json", results)
+    write_results(run_dir / "results.json", results)
     from safemerge.report.document import write_report
 
     write_report(run_dir, results)

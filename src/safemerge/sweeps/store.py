@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from safemerge.evaluation.run import Measured, write_outputs
+from safemerge.sweeps.records import TrialRecord, checked
 
 
 class TrialStore:
@@ -17,10 +18,11 @@ class TrialStore:
 
     def get(self, key: str) -> dict | None:
         path = self.root / key / "trial.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return checked(TrialRecord, json.loads(path.read_text()), path) if path.exists() else None
 
     def put(self, key: str, record: dict, measured: Measured) -> None:
         from safemerge.checkpoints.writer import atomic_directory
 
         with atomic_directory(self.root / key, force=True) as tmp:
-            write_outputs(tmp, record, measured.records, name="trial.json")
+            write_outputs(tmp, checked(TrialRecord, record, self.root / key / "trial.json"), measured.records,
+                          name="trial.json")
