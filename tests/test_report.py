@@ -312,3 +312,23 @@ def test_malformed_results_raise_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match=r"choice\.chosen\.colour: Extra inputs are not permitted"):
         write_report(tmp_path, edited)
     json.dumps(crafted_results(), allow_nan=False)  # the crafted results are strict JSON, as the sweep writes them
+
+
+def test_a_stored_trial_reads_back_as_written_and_an_edited_one_is_one_line(tmp_path):
+    from safemerge.evaluation.run import Measured
+    from safemerge.sweeps.store import TrialStore
+
+    record = crafted_results()["trials"][3]
+    store = TrialStore(tmp_path / "trials")
+    store.put(record["key"], record, Measured(records={"judgements/x.jsonl": [{"id": "1"}]}))
+    assert store.get(record["key"]) == record
+    path = tmp_path / "trials" / record["key"] / "trial.json"
+    assert json.loads(path.read_text()) == record
+    edited = json.loads(path.read_text())
+    edited["tasks"]["val"]["gsm8k"]["n"] = "many"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ConfigError, match=rf"{record['key']}/trial.json: tasks\.val\.gsm8k\.n: Input should be a valid integer"):
+        store.get(record["key"])
+    with pytest.raises(ConfigError, match="kind: Input should be 'aligned', 'finetuned' or 'merge'"):
+        store.put("k", {**record, "kind": "mystery"}, Measured())
+    assert not (tmp_path / "trials" / "k").exists()  # nothing half-written
