@@ -7,7 +7,8 @@ changes no output byte.
 The inputs are built from seeds (the test suite's tiny Llama, fine-tuned copies, a real PEFT
 adapter, small prompt and task files) under a fixed directory, so absolute paths inside the outputs
 are the same in every run. Each command runs as a user runs it (`python -m safemerge ...`, pinned
-numerics for the demo). The manifest maps each output file to its SHA-256. Wall-clock figures
+numerics for the demo). The manifest maps each output file to its SHA-256, and each JSON file also
+to the SHA-256 of its content with sorted keys, so a comparison tells a reordering from a change. Wall-clock figures
 (JSON fields named in VOLATILE_KEYS, "in 1.2s" / "12 s" in logs and reports, the seconds column of
 the report's trials table, ISO timestamps) are
 the only thing masked: they differ between two runs of the same code. Everything else must match
@@ -115,9 +116,17 @@ def normalised(path: Path) -> bytes:
     return data
 
 
-def manifest(out: Path) -> dict[str, str]:
-    return {str(f.relative_to(out)): hashlib.sha256(normalised(f)).hexdigest()
-            for f in sorted(out.rglob("*")) if f.is_file()}
+def manifest(out: Path) -> dict[str, dict[str, str]]:
+    """Each file's hash; a JSON file's also with its keys sorted, to tell a reordering from a change."""
+    files, content = {}, {}
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            name = str(f.relative_to(out))
+            files[name] = hashlib.sha256(normalised(f)).hexdigest()
+            if f.suffix == ".json":
+                sorted_json = json.dumps(masked_json(json.loads(f.read_bytes())), sort_keys=True).encode()
+                content[name] = hashlib.sha256(sorted_json).hexdigest()
+    return {"files": files, "json_content": content}
 
 
 def main() -> None:
@@ -125,20 +134,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="write the manifest here")
     parser.add_argument("--compare", type=Path, help="a manifest to compare with; exit 1 on any difference")
     args = parser.parse_args()
-    files = manifest(run_all(WORK))
-    args.out.write_text(json.dumps(files, indent=1) + "\n")
+    found = manifest(run_all(WORK))
+    files = found["files"]
+    args.out.write_text(json.dumps(found, indent=1) + "\n")
     print(f"{len(files)} output files hashed into {args.out}")
     if args.compare:
         before = json.loads(args.compare.read_text())
-        changed = sorted(k for k in before.keys() & files.keys() if before[k] != files[k])
-        only = sorted(before.keys() ^ files.keys())
+        changed = sorted(k for k in before["files"].keys() & files.keys() if before["files"][k] != files[k])
+        reordered = [k for k in changed if k in found["json_content"]
+                     and before["json_content"].get(k) == found["json_content"][k]]
+        only = sorted(before["files"].keys() ^ files.keys())
         for name in changed:
-            print(f"differs: {name}")
+            print(f"{'same JSON, keys in another order' if name in reordered else 'differs'}: {name}")
         for name in only:
-            print(f"{'only before' if name in before else 'only after'}: {name}")
-        print(f"{len(files) - len(changed)} of {len(files)} identical; {len(changed)} differ; {len(only)} not in both")
+            print(f"{'only before' if name in before['files'] else 'only after'}: {name}")
+        print(f"{len(files) - len(changed)} of {len(files)} identical; {len(reordered)} the same JSON with keys "
+              f"reordered; {len(changed) - len(reordered)} differ; {len(only)} not in both")
         sys.exit(1 if changed or only else 0)
-
 
 if __name__ == "__main__":
     main()
