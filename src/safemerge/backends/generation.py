@@ -82,26 +82,34 @@ class Backend(Protocol):
 
 
 def system_prompt_mode(tokenizer) -> str:
-    """"system_turn" when the chat template renders a system message, else "folded_into_user"
-    (Gemma's template rejects the system role; the system text then leads the user turn)."""
+    """Where the chat template puts a system prompt: "system_turn", a turn of its own (Llama 3, Qwen3);
+    "template_folds", the template itself moves it into the first user turn (Gemma 3); "folded_into_user",
+    the template rejects or drops the system role, so the text leads the first user message (Gemma 2)."""
     from jinja2 import TemplateError
 
-    probe = "\x1fsystem-probe\x1f"
+    # plain words: a probe of control characters is whitespace to Python, and a template's `| trim` eats it
+    probe, user = "safemerge-system-probe", "safemerge-user-probe"
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
-            tokenize=False, add_generation_prompt=True,
-        )
+        with_system = render([{"role": "system", "content": probe}, {"role": "user", "content": user}])
     except TemplateError:  # raise_exception() in the template: the system role is not supported
         return "folded_into_user"
-    return "system_turn" if probe in text else "folded_into_user"
+    if probe not in with_system:
+        return "folded_into_user"
+    user_only = render([{"role": "user", "content": user}])
+    user_opening = user_only[:user_only.index(user)]
+    inside_user_turn = with_system.startswith(user_opening) and with_system.index(probe) >= len(user_opening)
+    return "template_folds" if inside_user_turn else "system_turn"
 
 
 def chat_messages(request: Request, mode: str) -> list[dict]:
     messages = [dict(m) for m in request.messages]
     if request.system is None:
         return messages
-    if mode == "system_turn":
+    if mode in ("system_turn", "template_folds"):  # the template places it
         return [{"role": "system", "content": request.system}, *messages]
     first = next(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[first]["content"] = f"{request.system}\n\n{messages[first]['content']}"
@@ -114,16 +122,19 @@ def chat_messages(request: Request, mode: str) -> list[dict]:
 class PromptRenderer:
     """Requests to the exact prompt text and token ids a model sees; every backend renders through it."""
 
-    def __init__(self, tokenizer, model_id: str):
+    def __init__(self, tokenizer, model_id: str, *, thinking: bool = False):
+        """``thinking``: the template's enable_thinking (Qwen3); templates without a thinking mode ignore it."""
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.thinking = thinking
         self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
 
     def render(self, request: Request) -> str:
         if request.text is not None:
             return request.text
         return self.tokenizer.apply_chat_template(
-            chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True
+            chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True,
+            enable_thinking=self.thinking,
         )
 
     def encode(self, request: Request) -> list[int]:
