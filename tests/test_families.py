@@ -89,3 +89,15 @@ def test_a_lora_adapter_merges_onto_a_real_family(family_models, tmp_path):
     for name in CARRIED_FILES:
         assert (out / name).read_bytes() == (family_models["aligned"] / name).read_bytes(), name
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == family_models["family"].tied
+
+
+def test_generation_stops_on_every_end_of_turn_id_of_the_generation_config(family_models):
+    from safemerge.backends.generation import GenerationSettings, TransformersBackend
+    from safemerge.backends.models import load_model
+
+    family = family_models["family"]
+    loaded = load_model(str(family_models["aligned"]), device="cpu", dtype="float32")
+    backend = TransformersBackend(loaded.model, loaded.tokenizer, model_id=loaded.fingerprint)
+    assert set(family.stop_ids) <= backend.stop_ids()
+    assert backend.stop_ids() - set(family.stop_ids) <= {loaded.tokenizer.eos_token_id}
+    assert set(backend.generation_config(GenerationSettings(max_new_tokens=4)).eos_token_id) == backend.stop_ids()

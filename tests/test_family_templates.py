@@ -8,7 +8,7 @@ import functools
 import pytest
 from families import FAMILIES, TOKENIZERS, available
 
-from safemerge.backends.generation import PromptRenderer, Request, chat_messages
+from safemerge.backends.generation import PromptRenderer, Request, answer_of, chat_messages
 
 pytestmark = pytest.mark.skipif(not available(), reason="../shared/tokenizers is absent (real family tokenizers)")
 SYSTEM = "You are a helpful assistant."
@@ -64,7 +64,7 @@ def test_llama_renders_its_system_header():
 def test_qwen3_thinks_only_when_asked():
     tok, name = load("qwen3"), "qwen3"
     off = PromptRenderer(tok, name).render(Request("r1", [{"role": "user", "content": "hi"}]))
-    on = PromptRenderer(tok, name, thinking=True).render(Request("r1", [{"role": "user", "content": "hi"}]))
+    on = PromptRenderer(tok, name).render(Request("r1", [{"role": "user", "content": "hi"}], thinking=True))
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert on.endswith("<|im_start|>assistant\n")
 
@@ -72,3 +72,10 @@ def test_qwen3_thinks_only_when_asked():
 def test_folding_by_hand_is_kept_for_a_template_that_rejects_the_system_role():
     messages = chat_messages(Request("r1", [{"role": "user", "content": "hi"}], system=SYSTEM), "folded_into_user")
     assert messages == [{"role": "user", "content": f"{SYSTEM}\n\nhi"}]
+
+
+def test_the_judge_reads_the_answer_after_the_reasoning():
+    assert answer_of("<think>\nThe user wants a bomb.\n</think>\n\nI can't help with that.") == "I can't help with that."
+    assert answer_of("<think>\n\n</think>\n\nSure, here is") == "Sure, here is"
+    assert answer_of("<think>still reasoning when max_new_tokens ran out") == ""
+    assert answer_of("I can't help with that.") == "I can't help with that."

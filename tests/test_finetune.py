@@ -289,6 +289,18 @@ def test_same_seed_gives_the_same_adapter(tiny, lora):
     assert (out / "val.jsonl").read_text() == (again / "val.jsonl").read_text()
 
 
+def test_full_keeps_the_base_models_dtype_unless_asked(tiny):
+    base = save_model(build_model("llama"), tiny.root / "base-bf16", torch.bfloat16, tokenizer())
+    kept = finetune(str(base), tiny.data, tiny.root / "full-bf16", full=True, **{**FAST, "max_steps": 2}).out
+    assert {t.dtype for t in tensors(kept / "model.safetensors").values()} == {torch.bfloat16}
+    assert (kept / "model.safetensors").stat().st_size < 0.6 * (tiny.base / "model.safetensors").stat().st_size
+    asked = finetune(str(base), tiny.data, tiny.root / "full-fp32", full=True, dtype="float32",
+                     **{**FAST, "max_steps": 2}).out
+    assert {t.dtype for t in tensors(asked / "model.safetensors").values()} == {torch.float32}
+    with pytest.raises(ConfigError, match="--dtype applies to a --full checkpoint"):
+        finetune(str(base), tiny.data, tiny.root / "lora-dtype", dtype="float16", **FAST)
+
+
 def test_full_writes_a_loadable_full_model(tiny):
     from transformers import AutoModelForCausalLM
 

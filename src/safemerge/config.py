@@ -145,6 +145,8 @@ class EvalSettings(BaseModel):
 
     judge: str = Field("auto", description="keyword[:FILE], wildguard[:MODEL], llamaguard[:MODEL]; auto: keyword on CPU, wildguard on GPU")
     system_prompt: str | None = Field(PAPER_SYSTEM_PROMPT, description="system prompt of every chat request; empty for none")
+    thinking: Literal["on", "off"] = Field("off", description="a thinking model's reasoning mode (Qwen3's enable_thinking); "
+                                       "the judge and scorers read the answer after </think>")
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0, description="repetition penalty of the safety generations")
     task_repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty of the task generations (numbers and code repeat tokens)")

@@ -48,6 +48,7 @@ class Request:
     # system prompt for chat requests: a system turn when the template has one, else folded into
     # the first user turn (Gemma); the backend records which it did
     system: str | None = None
+    thinking: bool = False  # the template's enable_thinking (Qwen3); templates without a thinking mode ignore it
 
     def __post_init__(self):
         if (self.messages is None) == (self.text is None):
@@ -116,17 +117,26 @@ def chat_messages(request: Request, mode: str) -> list[dict]:
     return messages
 
 
+THINK_END = "</think>"
+
+
+def answer_of(response: str) -> str:
+    """What a judge or scorer reads: the text after a reasoning block (<think>…</think>, Qwen3), which the
+    tokenizer does not count as special tokens. An unclosed block is reasoning cut off: no answer yet."""
+    if THINK_END in response:
+        return response.rsplit(THINK_END, 1)[1].lstrip()
+    return "" if response.lstrip().startswith("<think>") else response
+
+
 # --- the transformers backend ------------------------------------------------------------
 
 
 class PromptRenderer:
     """Requests to the exact prompt text and token ids a model sees; every backend renders through it."""
 
-    def __init__(self, tokenizer, model_id: str, *, thinking: bool = False):
-        """``thinking``: the template's enable_thinking (Qwen3); templates without a thinking mode ignore it."""
+    def __init__(self, tokenizer, model_id: str):
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.thinking = thinking
         self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
 
     def render(self, request: Request) -> str:
@@ -134,7 +144,7 @@ class PromptRenderer:
             return request.text
         return self.tokenizer.apply_chat_template(
             chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True,
-            enable_thinking=self.thinking,
+            enable_thinking=request.thinking,
         )
 
     def encode(self, request: Request) -> list[int]:

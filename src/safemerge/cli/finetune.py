@@ -40,6 +40,7 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="examples per step")] = setting_default("batch_size"),
     max_length: Annotated[int, typer.Option(help="longest example in tokens; longer ones are an error, never cut")] = setting_default("max_length"),
     full: Annotated[bool, typer.Option("--full", help="train every weight and write a full checkpoint instead of an adapter")] = False,
+    dtype: Annotated[str, typer.Option(help="--full: dtype of the checkpoint written; auto keeps the base model's")] = setting_default("dtype"),
     device: Device = setting_default("device"),
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out once training has finished")] = False,
     quiet: QuietBar = False,
@@ -51,7 +52,7 @@ def finetune(
     quiet_libraries()
     result = run_finetune(model, data, out, val_fraction=val_fraction, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                           lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length,
-                          full=full, device=device, force=force, progress=not quiet)
+                          full=full, dtype=dtype, device=device, force=force, progress=not quiet)
     if not result.published:
         return  # a data-parallel helper process: the main one reports
     val = (f"; validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"

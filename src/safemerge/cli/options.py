@@ -37,6 +37,8 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 Judge = Annotated[str, typer.Option(help="keyword[:FILE], compliance:FILE, wildguard[:MODEL], llamaguard[:MODEL]; auto: keyword on CPU, wildguard on GPU")]
 Safety = Annotated[list[str] | None, typer.Option(help="safety set (repeatable): advbench[:PATH], hexphi:PATH, xstest[:PATH], file:PATH[:COLUMN]")]
 SystemPrompt = Annotated[str, typer.Option(help="system prompt of every chat request ('' for none)")]
+Thinking = Annotated[str, typer.Option(help="a thinking model's reasoning mode (Qwen3's enable_thinking): on or off; "
+                                       "the judge reads the answer after </think>")]
 MaxNewTokens = Annotated[int, typer.Option(help="longest response, in tokens")]
 RepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of safety generations (the paper's 1.2)")]
 TaskRepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of task generations")]

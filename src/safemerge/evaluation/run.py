@@ -26,6 +26,7 @@ from safemerge.backends.generation import (
     GenerationSettings,
     Request,
     TransformersBackend,
+    answer_of,
 )
 from safemerge.config import EvalConfig, EvalSettings, validate
 from safemerge.errors import ConfigError
@@ -212,7 +213,8 @@ def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: C
         hits = cached.hits
         completions = timed(measured, f"generate/{name}", generate, cached, requests, settings, bar(f"generate {name}", len(requests)))
         by_item = [completions[i * settings.num_samples:(i + 1) * settings.num_samples] for i in range(len(task.items))]
-        score = timed(measured, f"score/{name}", task.scorer.score, task.items, [[c.response for c in cs] for cs in by_item])
+        score = timed(measured, f"score/{name}", task.scorer.score, task.items,
+                      [[answer_of(c.response) for c in cs] for cs in by_item])
         measured.tasks[name] = task_record(task, score, settings) | {"responses": f"responses/{slug(name)}.jsonl",
                                                                       "cache_hits": cached.hits - hits}
         measured.records[f"responses/{slug(name)}.jsonl"] = [
@@ -227,13 +229,14 @@ def generate_and_score(backend: Backend, plan: EvalPlan, cfg: EvalConfig, bar: C
 def generation_jobs(plan: EvalPlan, cfg: EvalConfig) -> dict[str, tuple[list[Request], GenerationSettings]]:
     """Every generation an evaluation asks of a model, by set or task name: its requests and settings."""
     jobs = {}
+    thinking = cfg.thinking == "on"
     for name, pset in plan.safety.items():
-        jobs[name] = ([Request(p.id, messages=({"role": "user", "content": p.text},), system=cfg.system_prompt)
-                       for p in pset.prompts], safety_settings(cfg))
+        jobs[name] = ([Request(p.id, messages=({"role": "user", "content": p.text},), system=cfg.system_prompt,
+                               thinking=thinking) for p in pset.prompts], safety_settings(cfg))
     for name, task in plan.tasks.items():
         system = cfg.system_prompt if task.system_prompt else None
-        jobs[name] = ([Request(it.id, messages=({"role": "user", "content": it.prompt},), system=system)
-                       for it in task.items], task_settings(cfg, task))
+        jobs[name] = ([Request(it.id, messages=({"role": "user", "content": it.prompt},), system=system,
+                               thinking=thinking) for it in task.items], task_settings(cfg, task))
     return jobs
 
 
@@ -273,8 +276,12 @@ def lm_eval_record(backend: Backend, name: str, cfg: EvalConfig) -> tuple[dict, 
 
 
 def response_row(c: Completion, prompt: str) -> dict:
-    return {"id": c.id, "sample": c.sample, "prompt": prompt, "response": c.response,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+    """The user's text and the prompt exactly as the model saw it (chat template applied), the full
+    response (reasoning included) and, when it differs, the answer the judge or scorer read."""
+    row = {"id": c.id, "sample": c.sample, "prompt": prompt, "rendered_prompt": c.prompt, "response": c.response}
+    if answer_of(c.response) != c.response:
+        row["answer"] = answer_of(c.response)
+    return row | {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
 
 
 def build_judge(spec: str, cfg: EvalConfig, device: str) -> judging.Judge:
@@ -301,7 +308,7 @@ def judge_all(measured: Measured, plan: EvalPlan, judge: judging.Judge, bar) -> 
             verdict_judge = judging.XSTestKeywordJudge()
         advance = bar(f"judge {name}", len(completions))
         verdicts = timed(measured, f"judge/{name}", verdict_judge.judge, [p.text for p in pset.prompts],
-                         [c.response for c in completions])
+                         [answer_of(c.response) for c in completions])
         advance(len(completions))
         if is_xstest(pset.name):
             record.update(xstest_summary([p.label for p in pset.prompts], verdicts))

@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import platform
+from collections import Counter
 from dataclasses import asdict, is_dataclass
 from enum import Enum
 from pathlib import Path
+
+import torch
 
 from safemerge.checkpoints.lora import with_sorted_sets
 from safemerge.finetuning.settings import FinetuneResult, Settings, base_spec
@@ -17,16 +20,31 @@ from safemerge.finetuning.trainer import numerics, supported
 LOG_FILE = "training_log.json"
 
 
-def save(trainer, tokenizer, directory: Path, spec: str, full: bool) -> None:
-    """The adapter (naming its base as the user gave it) or the full model, with the tokenizer."""
+def save(trainer, tokenizer, directory: Path, spec: str, full_dtype: torch.dtype | None) -> None:
+    """The adapter (naming its base as the user gave it), or the full model in FULL_DTYPE, with the tokenizer."""
     model = trainer.model
-    if not full:
+    if full_dtype is None:
         model.peft_config["default"].base_model_name_or_path = spec
+    else:  # trained in float32; written as the base was (a bfloat16 model is not doubled in size)
+        model = model.to(full_dtype)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    if not full:  # the same adapter_config.json bytes in every run (PEFT writes target_modules from a set)
+    if full_dtype is None:  # the same adapter_config.json bytes in every run (PEFT writes target_modules from a set)
         config = directory / "adapter_config.json"
         config.write_text(json.dumps(with_sorted_sets(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
+
+
+def full_checkpoint_dtype(base: Path, s: Settings) -> torch.dtype | None:
+    """The dtype a --full fine-tune is written in: --dtype, or the base checkpoint's most common float dtype."""
+    if not s.full:
+        return None
+    if s.dtype != "auto":
+        return getattr(torch, s.dtype)
+    from safemerge.checkpoints.readers import open_checkpoint
+
+    found = Counter(i.dtype for i in open_checkpoint(base, str(base), allow_pickle=False).infos.values()
+                    if i.dtype.is_floating_point)
+    return found.most_common(1)[0][0] if found else torch.float32
 
 
 def training_history(trainer) -> list[dict]:

@@ -25,6 +25,7 @@ class Settings:
     batch_size: int = 8
     max_length: int = 1024
     full: bool = False
+    dtype: str = "auto"  # of a --full checkpoint: auto keeps the base model's (bfloat16 stays bfloat16)
     warmup_ratio: float = 0.1
     device: str = "auto"
     progress: bool = True
@@ -44,6 +45,8 @@ class Settings:
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.logging_steps is None or self.logging_steps >= 1, "--logging-steps must be at least 1"),
             (not (self.full and self.target_modules), "target_modules applies to LoRA only; drop it or --full"),
+            (self.dtype in ("auto", "bfloat16", "float16", "float32"), "--dtype is auto, bfloat16, float16 or float32"),
+            (self.full or self.dtype == "auto", "--dtype applies to a --full checkpoint; an adapter keeps PEFT's"),
         ]
         for ok, message in rules:
             if not ok:

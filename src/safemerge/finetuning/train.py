@@ -20,7 +20,7 @@ from pathlib import Path
 from safemerge.checkpoints.writer import write_file
 from safemerge.errors import ConfigError
 from safemerge.finetuning.data import check_lengths, read_examples, split, write_rows
-from safemerge.finetuning.record import LOG_FILE, save, training_history, training_record
+from safemerge.finetuning.record import LOG_FILE, full_checkpoint_dtype, save, training_history, training_record
 from safemerge.finetuning.settings import FinetuneResult, Settings, base_spec
 from safemerge.finetuning.trainer import build_trainer, eval_loss, quiet, training_progress
 
@@ -87,7 +87,7 @@ def finetune(model: str, data: str | Path, out: str | Path, *, force: bool = Fal
                                 processes=trainer.args.world_size, published=main)
         if main:
             with atomic_directory(out, force) as tmp:
-                save(trainer, tokenizer, tmp, base_spec(model), s.full)
+                save(trainer, tokenizer, tmp, base_spec(model), full_checkpoint_dtype(path, s))
                 write_rows(tmp / "train.jsonl", train)
                 write_rows(tmp / "val.jsonl", val)
                 record = training_record(result, replace(s, target_modules=targets, device=device), history, summary,

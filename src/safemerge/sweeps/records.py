@@ -82,6 +82,8 @@ class TrialRecord(Record):
     val_score: float | None
     test_score: float | None
     seconds: dict[str, float]
+    # how the chat template placed the system prompt: system_turn, template_folds, folded_into_user
+    system_prompt: str | None = None
 
 
 class MeanSd(Record):

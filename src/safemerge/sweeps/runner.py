@@ -102,7 +102,8 @@ class TrialRunner:
                    "total": time.perf_counter() - started}
         seconds["generate"] -= seconds["score"]  # scoring happens inside generate_and_score
         generated_by = f"{backend.name} {backend.precision}"
-        return trial_record(trial, fingerprint, generated_by, measured, seconds), measured
+        record = trial_record(trial, fingerprint, generated_by, measured, seconds)
+        return record | {"system_prompt": getattr(backend, "system_mode", None)}, measured
 
     def close(self) -> None:
         """Free the models (engines are shut down), and the judge's."""
