@@ -79,3 +79,10 @@ def test_the_judge_reads_the_answer_after_the_reasoning():
     assert answer_of("<think>\n\n</think>\n\nSure, here is") == "Sure, here is"
     assert answer_of("<think>still reasoning when max_new_tokens ran out") == ""
     assert answer_of("I can't help with that.") == "I can't help with that."
+
+
+def test_thinking_on_a_template_without_a_thinking_mode_is_one_line():
+    from safemerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--thinking on, but the model's chat template has no thinking mode"):
+        PromptRenderer(load("llama3_1"), "llama").render(Request("r1", [{"role": "user", "content": "hi"}], thinking=True))

@@ -142,6 +142,9 @@ class PromptRenderer:
     def render(self, request: Request) -> str:
         if request.text is not None:
             return request.text
+        if request.thinking and "enable_thinking" not in self.tokenizer.chat_template:
+            raise ConfigError("--thinking on, but the model's chat template has no thinking mode (enable_thinking); "
+                              "use --thinking off")
         return self.tokenizer.apply_chat_template(
             chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True,
             enable_thinking=request.thinking,
