@@ -236,9 +236,9 @@ class FlatSpelled(BaseModel):
     @classmethod
     def flat_fields(cls) -> dict[str, tuple[str | None, str]]:
         """Each flat name -> (its group, or None for a top-level field; its name there)."""
-        fields = {}
+        fields, groups = {}, cls.groups()
         for name in cls.model_fields:
-            group = cls.groups().get(name)
+            group = groups.get(name)
             if group is None:
                 fields[name] = (None, name)
             else:
@@ -279,12 +279,11 @@ class FlatSpelled(BaseModel):
 
     @model_serializer(mode="wrap")
     def _flatten(self, handler):
-        data, groups = handler(self), self.groups()
-        flat = {}
-        for key, value in data.items():
+        spelled = {where: flat for flat, where in self.flat_fields().items()}  # (group, name) -> flat name
+        groups, flat = self.groups(), {}
+        for key, value in handler(self).items():
             if key in groups and isinstance(value, dict):
-                spelled = {name: f.alias or name for name, f in groups[key].model_fields.items()}
-                flat.update({spelled.get(name, name): v for name, v in value.items()})
+                flat.update({spelled.get((key, name), name): v for name, v in value.items()})
             else:
                 flat[key] = value
         return flat

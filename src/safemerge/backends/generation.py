@@ -138,11 +138,12 @@ class PromptRenderer:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
+        self.has_thinking_mode = "enable_thinking" in (tokenizer.chat_template or "")
 
     def render(self, request: Request) -> str:
         if request.text is not None:
             return request.text
-        if request.thinking and "enable_thinking" not in self.tokenizer.chat_template:
+        if request.thinking and not self.has_thinking_mode:
             raise ConfigError("--thinking on, but the model's chat template has no thinking mode (enable_thinking); "
                               "use --thinking off")
         return self.tokenizer.apply_chat_template(

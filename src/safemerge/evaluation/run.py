@@ -279,8 +279,9 @@ def response_row(c: Completion, prompt: str) -> dict:
     """The user's text and the prompt exactly as the model saw it (chat template applied), the full
     response (reasoning included) and, when it differs, the answer the judge or scorer read."""
     row = {"id": c.id, "sample": c.sample, "prompt": prompt, "rendered_prompt": c.prompt, "response": c.response}
-    if answer_of(c.response) != c.response:
-        row["answer"] = answer_of(c.response)
+    answer = answer_of(c.response)
+    if answer != c.response:
+        row["answer"] = answer
     return row | {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
 
 

@@ -102,8 +102,8 @@ class TrialRunner:
                    "total": time.perf_counter() - started}
         seconds["generate"] -= seconds["score"]  # scoring happens inside generate_and_score
         generated_by = f"{backend.name} {backend.precision}"
-        record = trial_record(trial, fingerprint, generated_by, measured, seconds)
-        return record | {"system_prompt": getattr(backend, "system_mode", None)}, measured
+        system_prompt = getattr(backend, "system_mode", None)
+        return trial_record(trial, fingerprint, generated_by, system_prompt, measured, seconds), measured
 
     def close(self) -> None:
         """Free the models (engines are shut down), and the judge's."""
@@ -114,7 +114,9 @@ class TrialRunner:
         self.judge = None
 
 
-def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Measured, seconds: dict) -> dict:
+def trial_record(trial: Trial, fingerprint: str, generated_by: str, system_prompt: str | None, measured: Measured,
+                 seconds: dict) -> dict:
+    """``system_prompt``: how the chat template placed it (see backends.generation.system_prompt_mode)."""
     safety: dict[str, dict] = {}
     for name, record in measured.safety.items():
         base, part = name.rsplit("/", 1)
@@ -129,7 +131,8 @@ def trial_record(trial: Trial, fingerprint: str, generated_by: str, measured: Me
     record = {"kind": trial.kind, "method": trial.method, "lam": trial.lam, "density": trial.density, "seed": trial.seed,
               "finetuned": list(trial.finetuned), "label": trial.label, "fingerprint": fingerprint,
               "generated_by": generated_by, "safety": safety, "tasks": tasks, "val_score": mean_primary(tasks["val"]),
-              "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+              "test_score": mean_primary(tasks["test"]), "seconds": {k: round(v, 3) for k, v in seconds.items()},
+              "system_prompt": system_prompt}
     return jsonable(record)
 
 
