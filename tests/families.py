@@ -82,3 +82,30 @@ def save(model, family: Family, path: Path, dtype: torch.dtype = torch.bfloat16)
         shutil.copyfile(TOKENIZERS / family.folder / name, path / name)
     (path / "generation_config.json").write_text(json.dumps(family.generation_config, indent=2) + "\n")
     return path
+
+
+# The package's llama3_1 template is Llama 3's short one (see ../shared/tokenizers/README). Llama 3.1 Instruct's
+# own template (its tool calling left out) opens every conversation with a system header carrying the date
+# lines, with or without a system message: written out here from its published prompt format.
+LLAMA_3_1_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = \"\" %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def with_llama_3_1_template(path: Path) -> Path:
+    """A saved llama3_1 model directory given Llama 3.1 Instruct's template (chat_template.jinja wins over
+    tokenizer_config.json's, as in the Hub repository)."""
+    (path / "chat_template.jinja").write_text(LLAMA_3_1_TEMPLATE)
+    return path

@@ -128,6 +128,11 @@ def answer_of(response: str) -> str:
     return "" if response.lstrip().startswith("<think>") else response
 
 
+def has_thinking_mode(tokenizer) -> bool:
+    """Whether the chat template takes ``enable_thinking`` (Qwen3)."""
+    return "enable_thinking" in (tokenizer.chat_template or "")
+
+
 # --- the transformers backend ------------------------------------------------------------
 
 
@@ -138,7 +143,7 @@ class PromptRenderer:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.system_mode = system_prompt_mode(tokenizer) if tokenizer.chat_template else "no_chat_template"
-        self.has_thinking_mode = "enable_thinking" in (tokenizer.chat_template or "")
+        self.has_thinking_mode = has_thinking_mode(tokenizer)
 
     def render(self, request: Request) -> str:
         if request.text is not None:

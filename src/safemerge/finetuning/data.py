@@ -123,10 +123,23 @@ def split(examples: list[Example], val_fraction: float, seed: int, path: Path) -
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def as_dataset(examples: list[Example]):
+def as_dataset(examples: list[Example], tokenizer):
+    """The examples as TRL's conversational prompt-completion rows: TRL renders the prompt with the
+    generation prompt and puts in the loss only what the full conversation adds after it."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in examples])
+    options = template_options(tokenizer)
+    extra = {"chat_template_kwargs": options} if options else {}
+    return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion, **extra} for e in examples])
+
+
+def template_options(tokenizer) -> dict:
+    """What the chat template is rendered with. A template with a thinking mode (Qwen3) renders with
+    it off, as evaluate prompts by default: its empty think block then ends the prompt (the
+    generation prompt) and stays out of the loss, instead of being learnt as the reply's start."""
+    from safemerge.backends.generation import has_thinking_mode
+
+    return {"enable_thinking": False} if has_thinking_mode(tokenizer) else {}
 
 
 def write_rows(path: Path, examples: list[Example]) -> None:

@@ -151,8 +151,8 @@ def build_trainer(path: Path, spec: str, tokenizer, train: list[Example], val: l
         check_targets(model, targets, spec)
         peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                                  target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=sft_config(tmp, device, s, len(train)), train_dataset=as_dataset(train),
-                         eval_dataset=as_dataset(val) if val else None, processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=sft_config(tmp, device, s, len(train)), train_dataset=as_dataset(train, tokenizer),
+                         eval_dataset=as_dataset(val, tokenizer) if val else None, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[log_last_step()])
     # the Trainer shows either tqdm or, without it, prints every log dict; ours is training_progress
     for callback in (PrinterCallback, ProgressCallback):
