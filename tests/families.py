@@ -109,3 +109,33 @@ def with_llama_3_1_template(path: Path) -> Path:
     tokenizer_config.json's, as in the Hub repository)."""
     (path / "chat_template.jinja").write_text(LLAMA_3_1_TEMPLATE)
     return path
+
+
+def scripted(family: Family, chains: list[list[int]], seed: int = 0):
+    """A model of FAMILY's architecture whose greedy decode follows CHAINS: after token a comes token b for
+    each consecutive (a, b), whatever came before. Attention and MLP outputs are zeroed, so the last hidden
+    state is the current token's embedding, normalised; the LM head maps it to its successor with a wide
+    margin (a logit of 160 against well under 100). For untied families (Llama, Qwen3)."""
+    assert not family.tied, "a tied LM head is the embedding itself: it cannot map a token to another"
+    model = build(family, seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        head.mul_(0.01)
+        for chain in chains:
+            for a, b in zip(chain, chain[1:]):
+                head[b] += 20 * embed[a] / embed[a].norm()
+    return model
+
+
+def favouring_special_tokens(family: Family, tokenizer, seed: int = 0):
+    """A model of FAMILY that emits mostly special tokens (every one but the stop ids): their LM-head rows
+    (Gemma: their tied embedding rows) are scaled up 50 times."""
+    model = build(family, seed)
+    ids = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i not in family.stop_ids and i < family.vocab)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[ids] *= 50
+    return model, ids
