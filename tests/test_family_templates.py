@@ -86,3 +86,14 @@ def test_thinking_on_a_template_without_a_thinking_mode_is_one_line():
 
     with pytest.raises(ConfigError, match="--thinking on, but the model's chat template has no thinking mode"):
         PromptRenderer(load("llama3_1"), "llama").render(Request("r1", [{"role": "user", "content": "hi"}], thinking=True))
+
+
+def test_a_conversation_the_template_rejects_is_one_line():
+    from safemerge.errors import ConfigError
+
+    tok = load("gemma3")
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    with pytest.raises(ConfigError) as e:
+        PromptRenderer(tok, "gemma").render(Request("r7", [{"role": "user", "content": "hi"}], system=SYSTEM))
+    assert str(e.value) == ("the chat template of gemma cannot render prompt r7: Conversation roles must alternate "
+                            "user/assistant/user/assistant/...; give one that can with --chat-template FILE")

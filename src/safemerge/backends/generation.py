@@ -151,10 +151,16 @@ class PromptRenderer:
         if request.thinking and not self.has_thinking_mode:
             raise ConfigError("--thinking on, but the model's chat template has no thinking mode (enable_thinking); "
                               "use --thinking off")
-        return self.tokenizer.apply_chat_template(
-            chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True,
-            enable_thinking=request.thinking,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                chat_messages(request, self.system_mode), tokenize=False, add_generation_prompt=True,
+                enable_thinking=request.thinking,
+            )
+        except TemplateError as e:  # raise_exception() in the template: a role or order it rejects
+            raise ConfigError(f"the chat template of {self.model_id} cannot render prompt {request.id}: "
+                              f"{str(e).splitlines()[0]}; give one that can with --chat-template FILE") from None
 
     def encode(self, request: Request) -> list[int]:
         # raw text gets the tokenizer's special tokens (BOS); a rendered chat template has them already

@@ -102,7 +102,8 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, path: Pat
     for ex in examples:
         where = f"{path}, line {ex.line}"
         try:
-            ids = tokenizer.apply_chat_template(ex.prompt + ex.completion, tokenize=True, return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(ex.prompt + ex.completion, tokenize=True, return_dict=True,
+                                                **template_options(tokenizer))["input_ids"]
         except (TemplateError, ValueError) as e:  # roles or orders the template rejects
             first_line = str(e).splitlines()[0]
             raise ConfigError(f"{where}: the model's chat template cannot render this row: {first_line}") from None
