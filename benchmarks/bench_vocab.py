@@ -11,6 +11,7 @@ asserted; models are built once into benchmarks/_work/ and reused (~3 GB of disk
 
     python benchmarks/bench_vocab.py
     python benchmarks/bench_vocab.py --methods linear,ties
+    python benchmarks/bench_vocab.py --readme   # also write the README's table (all methods only)
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=HERE / "_work", help="where models are built and merged")
     p.add_argument("--rebuild", action="store_true", help="rebuild the models even if a matching build exists")
     p.add_argument("--methods", default="", help="comma list of methods (default all)")
+    p.add_argument("--readme", action="store_true", help="write the table into README.md's bench-vocab block")
     return p.parse_args(argv)
 
 
@@ -117,21 +119,30 @@ def main(argv=None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             peaks[vocab] = (wall, rss)
         rows.append((method, peaks))
-    print_table(env, rows)
+    lines = table(env, rows)
+    print("\n" + "\n".join(lines))
+    if args.readme:
+        if args.methods:
+            sys.exit("--readme writes the table of every method; drop --methods")
+        sys.path.insert(0, str(HERE.parent / "scripts"))
+        from readme_blocks import replace_block
+
+        replace_block("bench-vocab", "\n".join(lines))
 
 
-def print_table(env: dict, rows) -> None:
+def table(env: dict, rows) -> list[str]:
     big, small = VOCABS
     embed_bf16 = (big - small) * HIDDEN * 2 / 1e6
-    print(f"\nsafemerge {env['safemerge']}, torch {env['torch']}; Gemma 3 shape, {LAYERS} layers, tied embeddings")
-    print(f"the larger vocabulary adds {(big - small) * HIDDEN / 1e6:.0f} M embedding values: {embed_bf16:.0f} MB in "
-          f"bf16, {2 * embed_bf16:.0f} MB in fp32\n")
-    print(f"| method | vocab {small:,}: s, peak RSS MB | vocab {big:,}: s, peak RSS MB | RSS added, MB |"
-          " added / bf16 embedding rows |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [f"safemerge {env['safemerge']}, torch {env['torch']}; Gemma 3 shape, {LAYERS} layers, tied embeddings; "
+             f"the larger vocabulary adds {(big - small) * HIDDEN / 1e6:.0f} M embedding values: {embed_bf16:.0f} MB "
+             f"in bf16, {2 * embed_bf16:.0f} MB in fp32", "",
+             f"| method | vocab {small:,}: s, peak RSS MB | vocab {big:,}: s, peak RSS MB | RSS added, MB |"
+             " added / bf16 embedding rows |", "|---|---:|---:|---:|---:|"]
     for method, peaks in rows:
         (ws, rs), (wb, rb) = peaks[small], peaks[big]
-        print(f"| {method} | {ws:.2f}, {rs:.0f} | {wb:.2f}, {rb:.0f} | {rb - rs:.0f} | {(rb - rs) / embed_bf16:.2f}× |")
+        lines.append(f"| {method} | {ws:.2f}, {rs:.0f} | {wb:.2f}, {rb:.0f} | {rb - rs:.0f} | "
+                     f"{(rb - rs) / embed_bf16:.2f}× |")
+    return lines
 
 
 if __name__ == "__main__":

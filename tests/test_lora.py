@@ -134,3 +134,20 @@ def test_an_adapter_fingerprint_ignores_the_order_peft_writes_its_module_set_in(
     config["lora_alpha"] = config["lora_alpha"] * 2  # a change of meaning still shows
     (second / "adapter_config.json").write_text(json.dumps(config))
     assert open_source(str(first)).fingerprint() != open_source(str(second)).fingerprint()
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties"])
+def test_adapter_statistics_walked_in_chunks(lora_models, tmp_path, monkeypatch, method):
+    # a tensor too big to read whole gets its statistics from a chunked read of aligned + B @ A
+    import importlib
+
+    from safemerge.merging import methods
+
+    engine = importlib.import_module("safemerge.merging.stream")
+    monkeypatch.setattr(engine, "WHOLE_BYTES", 0)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(methods, "CHUNK", 64)
+    aligned, adapters = lora_models["gemma"]
+    p = {"lam": 0.7} | ({"density": 0.6} if method == "ties" else {})
+    safemerge.merge(str(aligned), [str(adapters[1])], tmp_path / "out", method=method, progress=False, **p)
+    check(tmp_path / "out", aligned, [materialise(aligned, adapters[1])], method, **p)

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ class TensorFiles:
         self.infos: dict[str, TensorInfo] = {}
         self._pickled: dict[Path, dict[str, Tensor]] = {}
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         for path in files:
             if path.suffix == ".safetensors":
                 infos, _ = read_safetensors_header(path)
@@ -164,9 +166,10 @@ class TensorFiles:
         return raw.view(info.dtype).view(shape)
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._lock:  # statistic passes read from several threads; pread itself is thread-safe
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def close(self) -> None:
         for fd in self._fds.values():

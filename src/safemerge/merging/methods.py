@@ -7,7 +7,8 @@ tensor. λ (``lam``) is always the weight of the fine-tuned model.
 Every method computes its output entry by entry, so the engine streams a tensor through
 it in chunks: memory stays flat and caches stay warm. A method that first needs a
 statistic of the whole tensor (slerp's angle, TIES's magnitude threshold, Model Stock's
-cosines) registers a ``prepare`` function: it sees the whole tensors, in any float dtype,
+cosines) registers a ``prepare`` function: it sees the whole tensors as ``Flat`` views, which
+read rows only when a chunk asks for them (so a 262k-row embedding is never held whole),
 computes in float32 chunks with float64 sums, and its result reaches the method as
 ``stats``. A method that needs its chunk's position takes ``start``, the flat index of the
 chunk's first entry. Calling a registered ``Method`` on whole tensors runs both steps.
@@ -51,10 +52,11 @@ class Method:
     def summary(self) -> str:
         return (self.fn.__doc__ or "").strip().splitlines()[0]
 
-    def stats(self, base: Tensor, tuned: list[Tensor], **params):
+    def stats(self, base: Tensor | Flat, tuned: list[Tensor | Flat], **params):
+        """The whole-tensor statistics, from tensors in hand or from ``Flat`` views read on demand."""
         if self.prepare is None:
             return None
-        return self.prepare(base, tuned, **pick(params, self.prepare_takes))
+        return self.prepare(Flat.of(base), [Flat.of(t) for t in tuned], **pick(params, self.prepare_takes))
 
     def apply(self, base: Tensor, tuned: list[Tensor], *, stats=None, start: int = 0, **params) -> Tensor:
         """The merged entries of one chunk (or of the whole tensor)."""
@@ -149,6 +151,31 @@ def sign_consensus_mean(deltas: list[Tensor]) -> Tensor:
 # --- whole-tensor statistics, in chunks --------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Flat:
+    """A tensor of ``shape`` seen as its flat entries, in float32; ``read_rows(r0, r1)`` gives rows
+    [r0, r1) in any float dtype. Indexing reads only the rows a flat slice covers."""
+
+    shape: tuple[int, ...]
+    read_rows: Callable[[int, int], Tensor]
+
+    @classmethod
+    def of(cls, x: Tensor | Flat) -> Flat:
+        if isinstance(x, Flat):
+            return x
+        return cls(tuple(x.shape), (lambda r0, r1: x[r0:r1]) if x.dim() else (lambda r0, r1: x))
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __getitem__(self, s: slice) -> Tensor:
+        start, stop, step = s.indices(self.numel())
+        row = math.prod(self.shape[1:]) if self.shape else 1
+        r0 = start // row
+        rows = self.read_rows(r0, max(r0, -(-stop // row))).reshape(-1)
+        return rows[start - r0 * row : stop - r0 * row : step].float()
+
+
 def flat_chunks(n: int):
     for start in range(0, n, CHUNK):
         yield slice(start, min(n, start + CHUNK))
@@ -170,12 +197,12 @@ def over_chunks(fn: Callable[[slice], object], n: int) -> list:
     return list(_POOL.map(fn, flat_chunks(n)))
 
 
-def flat_delta(base: Tensor, fine: Tensor, s: slice) -> Tensor:
+def flat_delta(base: Flat, fine: Flat, s: slice) -> Tensor:
     """fine − base on a flat slice, in float32: bit for bit what a method computes on that chunk."""
-    return fine.reshape(-1)[s].float() - base.reshape(-1)[s].float()
+    return fine[s] - base[s]
 
 
-def dot_products(base: Tensor, tuned: list[Tensor], rows: Callable[[slice], list[Tensor]]) -> list[list[float]]:
+def dot_products(base: Flat, tuned: list[Flat], rows: Callable[[slice], list[Tensor]]) -> list[list[float]]:
     """All dot products among the float32 vectors ``rows(chunk)`` returns, summed over chunks in float64."""
     def dots(s: slice) -> list[list[float]]:
         r = rows(s)
@@ -204,41 +231,85 @@ class Trim:
         return keep.view(d.shape)
 
 
-def trim_rule(base: Tensor, fine: Tensor, density: float) -> Trim:
+def trim_rule(base: Flat, fine: Flat, density: float) -> Trim:
     """Find the k = max(1, int(density·numel)) largest |fine − base|.
 
     A strided sample brackets the k-th magnitude; one chunked pass counts the entries above
-    the bracket and collects those inside it with their positions, and only those are
-    selected on. Magnitudes are recomputed per chunk, never stored whole. Falls back to one
-    full selection when the bracket misses.
+    the bracket and inside it, a second collects those inside with their positions, and only
+    those are selected on. Magnitudes are recomputed per chunk, never stored whole. Falls back
+    to one full selection when the bracket misses.
     """
     n = base.numel()
     k = max(1, int(density * n))
     if k >= n:
         return Trim(-1.0, 0)
-    step = max(1, n // 65536)
-    sample = flat_delta(base, fine, slice(None, None, step)).abs_()
-    size = sample.numel()
-    pos = (k - 1) * size / n  # where the k-th largest falls in the sample, from the top
-    margin = 4 * math.sqrt(size) + 8
-    hi = float(sample.kthvalue(size - max(0, int(pos - margin))).values)  # probably above the answer
-    lo = float(sample.kthvalue(size - min(size - 1, int(pos + margin))).values)  # probably below it
-    def bracket(s: slice) -> tuple[int, Tensor, Tensor]:
+    lo, hi = sample_bracket(base, fine, n, k)
+
+    def count(s: slice) -> tuple[int, int]:
         m = flat_delta(base, fine, s).abs_()
         over = torch.gt(m, hi, out=torch.empty_like(m))  # float masks: much faster than bool ones here
-        inside = torch.ge(m, lo, out=torch.empty_like(m)).sub_(over).nonzero().squeeze(1)
-        return int(over.sum()), m[inside], inside.add_(s.start)
+        return int(over.sum()), int(torch.ge(m, lo, out=torch.empty_like(m)).sub_(over).sum())
 
-    parts = over_chunks(bracket, n)
-    above = sum(p[0] for p in parts)
-    values, positions = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-    if not above < k <= above + values.numel():  # the sample missed: select on everything
+    counts = over_chunks(count, n)
+    above, inside = sum(c[0] for c in counts), [c[1] for c in counts]
+    if above < k <= above + sum(inside):
+        values, positions = bracketed(base, fine, n, lo, hi, inside)
+    else:  # the sample missed: select on everything
         above, values = 0, flat_delta(base, fine, slice(None)).abs_()
         positions = torch.arange(n)
     threshold = float(values.kthvalue(values.numel() - (k - above) + 1).values)
     keep_ties = k - above - int((values > threshold).sum())  # every tie is a candidate
     ties = positions[values == threshold]  # in row-major order
     return Trim(threshold, int(ties[keep_ties]) if keep_ties < ties.numel() else n)
+
+
+# Chunk results go into buffers allocated once, at offsets known in advance: small tensors kept per chunk
+# would pin the allocator's heap above each chunk's freed temporaries, so it grows by a chunk per chunk
+# (740 MB on Gemma 3's 262k-row embeddings, measured).
+
+
+def chunk_offsets(n: int, sizes: list[int]) -> dict[int, tuple[int, int]]:
+    """Flat chunk start -> [begin, end) of the chunk's ``sizes`` results in a shared buffer."""
+    bounds, at = {}, 0
+    for s, size in zip(flat_chunks(n), sizes, strict=True):
+        bounds[s.start], at = (at, at + size), at + size
+    return bounds
+
+
+def sample_bracket(base: Flat, fine: Flat, n: int, k: int) -> tuple[float, float]:
+    """Magnitudes (lo, hi) that probably bracket the k-th largest |δ|, from every step-th entry."""
+    step = max(1, n // 65536)
+    picks = {s.start: slice(s.start + (-s.start) % step, s.stop, step) for s in flat_chunks(n)}
+    where = chunk_offsets(n, [len(range(p.start, p.stop, p.step)) for p in picks.values()])
+    sample = torch.empty(sum(b - a for a, b in where.values()))
+
+    def take(s: slice) -> None:
+        a, b = where[s.start]
+        sample[a:b] = flat_delta(base, fine, picks[s.start]).abs_()
+
+    over_chunks(take, n)
+    size = sample.numel()
+    pos = (k - 1) * size / n  # where the k-th largest falls in the sample, from the top
+    margin = 4 * math.sqrt(size) + 8
+    hi = float(sample.kthvalue(size - max(0, int(pos - margin))).values)  # probably above the answer
+    lo = float(sample.kthvalue(size - min(size - 1, int(pos + margin))).values)  # probably below it
+    return lo, hi
+
+
+def bracketed(base: Flat, fine: Flat, n: int, lo: float, hi: float, inside: list[int]) -> tuple[Tensor, Tensor]:
+    """The magnitudes in [lo, hi] and their flat positions, in row-major order."""
+    where = chunk_offsets(n, inside)
+    values, positions = torch.empty(sum(inside)), torch.empty(sum(inside), dtype=torch.int64)
+
+    def take(s: slice) -> None:
+        a, b = where[s.start]
+        m = flat_delta(base, fine, s).abs_()
+        keep = torch.ge(m, lo).logical_and_(torch.le(m, hi))
+        torch.masked_select(m, keep, out=values[a:b])
+        torch.add(keep.nonzero().squeeze(1), s.start, out=positions[a:b])
+
+    over_chunks(take, n)
+    return values, positions
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
@@ -249,14 +320,14 @@ def trim(delta: Tensor, density: float) -> Tensor:
 # --- prepare steps -----------------------------------------------------------------------
 
 
-def slerp_coefficients(base: Tensor, tuned: list[Tensor], *, lam: float) -> tuple[float, float]:
+def slerp_coefficients(base: Flat, tuned: list[Flat], *, lam: float) -> tuple[float, float]:
     """(ca, cf) such that slerp = ca·aligned + cf·mean(fine-tuned), from the angle between them.
 
     Linear coefficients (1 − λ, λ) when a norm is below 1e-8 or |cos θ| > 0.9995.
     """
     def rows(s: slice) -> list[Tensor]:
-        fs = [t.reshape(-1)[s].float() for t in tuned]
-        return [base.reshape(-1)[s].float(), fs[0] if len(fs) == 1 else mean(fs)]
+        fs = [t[s] for t in tuned]
+        return [base[s], fs[0] if len(fs) == 1 else mean(fs)]
 
     g = dot_products(base, tuned, rows)
     a_norm, f_norm = math.sqrt(g[0][0]), math.sqrt(g[1][1])
@@ -267,11 +338,11 @@ def slerp_coefficients(base: Tensor, tuned: list[Tensor], *, lam: float) -> tupl
     return math.sin((1 - lam) * theta) / math.sin(theta), math.sin(lam * theta) / math.sin(theta)
 
 
-def trims(base: Tensor, tuned: list[Tensor], *, density: float) -> list[Trim]:
+def trims(base: Flat, tuned: list[Flat], *, density: float) -> list[Trim]:
     return [trim_rule(base, t, density) for t in tuned]
 
 
-def model_stock_ratio(base: Tensor, tuned: list[Tensor]) -> float:
+def model_stock_ratio(base: Flat, tuned: list[Flat]) -> float:
     """Model Stock's t = N·c / (1 + (N − 1)·c) for one tensor, c the mean pairwise cosine of the
     deltas. Interpretation: t = 0 (keep the aligned tensor) when c ≤ 0, where the formula
     would extrapolate away from the fine-tuned models, and when a delta is zero (no cosine)."""

@@ -34,6 +34,10 @@ from safemerge.merging.plan import MergePlan, Source, TensorPlan, plan_merge
 
 HEADROOM = 64 << 20  # free space kept beyond the weights when checking the disk
 CHUNK_ELEMENTS = 1 << 20  # merges work on ~4 MB float32 pieces: fast, cache-warm and flat in memory
+# a method with whole-tensor statistics reads a tensor whole when all its inputs take at most this much as
+# float32, so one read serves statistics and merge; a larger one (Gemma 3's 262k-row embeddings) is read
+# twice in chunks, once for the statistics and once for the merge, and memory stays flat
+WHOLE_BYTES = 128 << 20
 @dataclass(frozen=True)
 class MergeResult:
     out: Path
@@ -97,12 +101,17 @@ def chunk_rows(shape: tuple[int, ...]) -> int:
     return max(1, CHUNK_ELEMENTS // row)
 
 
+def reads_whole(plan: MergePlan, tp: TensorPlan) -> bool:
+    if plan.method.prepare is None or not tp.merge:
+        return False
+    return tp.shared_rows * math.prod(tp.shape[1:]) * 4 * (1 + len(plan.tuned)) <= WHOLE_BYTES
+
+
 def pieces(plan: MergePlan):
-    """Row chunks in output order; a merge that needs whole-tensor statistics reads its
-    tensors whole (and still computes and writes them in chunks)."""
-    whole = plan.method.prepare is not None
+    """Row chunks in output order; a merge that needs whole-tensor statistics reads a small
+    tensor whole (and still computes and writes it in chunks)."""
     for tp in plan.tensors:
-        step = tp.shared_rows if tp.merge and whole else chunk_rows(tp.shape)
+        step = tp.shared_rows if reads_whole(plan, tp) else chunk_rows(tp.shape)
         for r0 in range(0, tp.shared_rows, step):
             yield Piece(tp, r0, min(r0 + step, tp.shared_rows))
         out_rows = tp.shape[0] if tp.shape else 1
@@ -120,7 +129,46 @@ class Loaded:
     stats: object = None  # the method's whole-tensor statistics
 
 
-def load(plan: MergePlan, p: Piece, draws: DareDraws | None) -> Loaded:
+class TensorStats:
+    """A method's whole-tensor statistics, computed once per tensor at its first piece (the reader
+    thread loads pieces in order): from the rows in hand when the tensor is read whole, otherwise
+    from ``Flat`` views that read the inputs chunk by chunk."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan, self.name, self.value = plan, None, None
+
+    def of(self, p: Piece, aligned: Tensor, tuned: list[Tensor]):
+        if p.plan.name != self.name:
+            whole = (p.r0, p.r1) == (0, p.plan.shared_rows)
+            base, fine = (aligned, tuned) if whole else lazy_inputs(self.plan, p.plan)
+            self.value = self.plan.method.stats(base, fine, **self.plan.config.params)
+            self.name = p.plan.name
+        return self.value
+
+
+def lazy_inputs(plan: MergePlan, tp: TensorPlan) -> tuple[methods.Flat, list[methods.Flat]]:
+    """The merged rows of a tensor's inputs as Flat views, checked for NaN/Inf as they are read.
+    They read the files directly: the content hash is fed by the merge's own in-order reads."""
+    name, shape = tp.name, (tp.shared_rows, *tp.shape[1:])
+
+    def aligned_rows(r0: int, r1: int) -> Tensor:
+        return checked(plan.aligned.files.read(name, (r0, r1)), name, plan.aligned.spec)
+
+    def tuned_view(t: Source) -> methods.Flat:
+        if isinstance(t, Checkpoint):
+            return methods.Flat(shape, lambda r0, r1: checked(t.files.read(name, (r0, r1)), name, t.spec))
+        return methods.Flat(shape, lambda r0, r1: checked(t.tuned(name, aligned_rows(r0, r1).float(), (r0, r1)), name, t.spec))
+
+    return methods.Flat(shape, aligned_rows), [tuned_view(t) for t in plan.tuned]
+
+
+def checked(x: Tensor, name: str, where: str) -> Tensor:
+    if x.is_floating_point():
+        check_finite(x, name, where)
+    return x
+
+
+def load(plan: MergePlan, p: Piece, draws: DareDraws | None, stats: TensorStats | None = None) -> Loaded:
     """Everything a piece needs before the merge proper, run ahead on the reader thread so that
     it overlaps the merging of the previous piece: reads, NaN/Inf checks, fine-tuned rows from
     adapters, DARE's draws and whole-tensor statistics."""
@@ -131,15 +179,11 @@ def load(plan: MergePlan, p: Piece, draws: DareDraws | None) -> Loaded:
     tuned = [tuned_rows(t, name, aligned, rows) for t in plan.tuned]
     if p.added:
         return Loaded(aligned, tuned)
-    params = plan.config.params
-    return Loaded(aligned, tuned, draws and draws.next(name, aligned.shape), plan.method.stats(aligned, tuned, **params))
+    return Loaded(aligned, tuned, draws and draws.next(name, aligned.shape), stats and stats.of(p, aligned, tuned))
 
 
 def read_checked(source: Checkpoint, name: str, rows) -> Tensor:
-    x = source.read(name, rows)
-    if x.is_floating_point():
-        check_finite(x, name, source.spec)
-    return x
+    return checked(source.read(name, rows), name, source.spec)
 
 
 def tuned_rows(t: Source, name: str, aligned: Tensor | None, rows) -> Tensor:
@@ -202,13 +246,14 @@ def stream(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
 def stream_pieces(plan: MergePlan, writer: ShardedWriter, progress=None) -> None:
     work = list(pieces(plan))
     draws = DareDraws(plan.config.seed, len(plan.tuned)) if "draws" in plan.method.takes else None
+    stats = TensorStats(plan) if plan.method.prepare else None
     depth = 1 if plan.method.prepare else 2  # pieces read ahead; whole tensors are big
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safemerge-reader") as pool:
-        ahead = [pool.submit(load, plan, p, draws) for p in work[:depth]]
+        ahead = [pool.submit(load, plan, p, draws, stats) for p in work[:depth]]
         for i, p in enumerate(work):
             loaded = ahead.pop(0).result()
             if i + depth < len(work):
-                ahead.append(pool.submit(load, plan, work[i + depth], draws))
+                ahead.append(pool.submit(load, plan, work[i + depth], draws, stats))
             for out in outputs(plan, p, loaded):
                 writer.write(p.plan.name, out)
                 if progress:
