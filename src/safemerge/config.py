@@ -148,6 +148,10 @@ class EvalSettings(BaseModel):
     thinking: Literal["on", "off"] = Field("off", description="a thinking model's reasoning mode (Qwen3's enable_thinking); "
                                        "the judge and scorers read the answer after </think>")
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
+    stop_when_decided: bool = Field(False, description="stop a safety response once the judge's verdict cannot change (a refusal "
+                                    "keyword appeared; keyword and compliance judges, thinking off); a sweep sets it by --adaptive")
+    judge_prefix_tokens: int | None = Field(None, ge=1, description="model judges (WildGuard, Llama Guard): generate and judge "
+                                            "only the first N tokens of each safety response")
     repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0, description="repetition penalty of the safety generations")
     task_repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty of the task generations (numbers and code repeat tokens)")
     batch_size: int = Field(8, ge=1)
@@ -318,6 +322,8 @@ class SweepConfig(FlatSpelled):
     task_test: list[str] = Field(default_factory=list, description="tasks reported for the chosen merge")
     keep: Literal["chosen", "all", "none"] = Field("chosen", description="which merged models to write")
     executor: Literal["local", "ray"] = Field("local", description="where trials run: this process, or Ray workers")
+    adaptive: bool = Field(True, description="spend generation only where the decision needs it: a safety response stops "
+                           "once its verdict is fixed; --exhaustive generates every response in full")
     ray: RaySettings = Field(default_factory=RaySettings)
     # a sweep keeps the trial's and the judge's vLLM engines on the GPU together: their shares add up to 0.9
     evaluation: EvalSettings = Field(
@@ -383,5 +389,6 @@ class SweepConfig(FlatSpelled):
         """The evaluation every trial runs (the model field names the aligned model, for the record)."""
         settings = self.evaluation.model_dump()
         settings["cache_dir"] = settings["cache_dir"] or self.out / "cache"
+        settings["stop_when_decided"] = self.adaptive
         return EvalConfig(model=self.aligned, out=self.out, safety=self.safety, tasks=self.task_val + self.task_test,
                           **settings)

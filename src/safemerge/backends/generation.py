@@ -38,6 +38,13 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0)
     num_samples: int = Field(1, ge=1)  # completions per request (n of pass@k); > 1 needs do_sample
     seed: int = 0
+    # a response ends as soon as its text (special tokens skipped) contains one of these: the judge's verdict is fixed
+    stop_strings: tuple[str, ...] = ()
+
+    def key(self) -> dict:
+        """The settings as a cache key sees them: stop strings only when there are some, so the caches of full
+        generations made before they existed stay valid."""
+        return self.model_dump(exclude=set() if self.stop_strings else {"stop_strings"})
 
 
 @dataclass(frozen=True)
@@ -226,16 +233,19 @@ class TransformersBackend(PromptRenderer):
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        decided = StopWhenDecided(self.tokenizer, settings.stop_strings, width) if settings.stop_strings else None
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                      generation_config=self.generation_config(settings))
+                                      generation_config=self.generation_config(settings),
+                                      stopping_criteria=[decided] if decided else None)
         new = out[:, width:].tolist()
         stops = self.stop_ids()
         results = []
         for b in range(len(batch)):
             texts, counts = [], []
             for s in range(settings.num_samples):
-                tokens = new[b * settings.num_samples + s]
+                row = b * settings.num_samples + s
+                tokens = new[row][:decided.stopped_at.get(row)] if decided else new[row]
                 # up to and including the first stop token: what follows is padding
                 n = next((k + 1 for k, t in enumerate(tokens) if t in stops), len(tokens))
                 texts.append(self.tokenizer.decode(tokens[:n], skip_special_tokens=True))
@@ -263,6 +273,27 @@ class TransformersBackend(PromptRenderer):
         return ids
 
 
+class StopWhenDecided:
+    """A transformers stopping criterion: a row is done once its new text contains one of ``strings``
+    (a refusal keyword: the judge's verdict cannot change). ``stopped_at`` records each such row's
+    length, so its response and token count end exactly there rather than at the padding after it."""
+
+    def __init__(self, tokenizer, strings: Sequence[str], prompt_width: int):
+        self.tokenizer, self.strings, self.width = tokenizer, tuple(strings), prompt_width
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.width:]
+        for row in range(new.shape[0]):
+            if row not in self.stopped_at:
+                text = self.tokenizer.decode(new[row], skip_special_tokens=True)
+                if any(s in text for s in self.strings):
+                    self.stopped_at[row] = new.shape[1]
+        return torch.tensor([row in self.stopped_at for row in range(new.shape[0])], device=input_ids.device)
+
+
 # --- the response cache ------------------------------------------------------------------
 
 
@@ -287,7 +318,7 @@ class CachedBackend:
             "model": self.backend.model_id,
             "batch_size": getattr(self.backend, "batch_size", None),
             "precision": getattr(self.backend, "precision", None),
-            "settings": settings.model_dump(),
+            "settings": settings.key(),
             "prompts": [[r.id, r.text is not None, self.render(r)] for r in requests],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]

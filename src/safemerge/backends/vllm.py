@@ -64,7 +64,9 @@ def sampling_kwargs(settings: GenerationSettings, stop_ids: Sequence[int]) -> di
         "max_tokens": settings.max_new_tokens,
         "seed": settings.seed,
         "stop_token_ids": sorted(stop_ids),
-        "detokenize": False,  # decoded here with the HF tokenizer, as the transformers backend does
+        # decoded here with the HF tokenizer, as the transformers backend does; stop strings need vLLM's own text
+        "detokenize": bool(settings.stop_strings),
+        **({"stop": list(settings.stop_strings), "include_stop_str_in_output": True} if settings.stop_strings else {}),
     }
 
 

@@ -16,6 +16,7 @@ from safemerge.cli.options import (
     Force,
     Judge,
     Limit,
+    JudgePrefixTokens,
     MaxNewTokens,
     QuietAll,
     RepetitionPenalty,
@@ -52,6 +53,9 @@ def evaluate(
     system_prompt: SystemPrompt = D("system_prompt"),
     thinking: Thinking = D("thinking"),
     max_new_tokens: MaxNewTokens = D("max_new_tokens"),
+    stop_when_decided: Annotated[bool, typer.Option("--stop-when-decided", help="end a safety response once a refusal keyword "
+                                                    "fixes its verdict (keyword and compliance judges; faster, responses cut short)")] = False,
+    judge_prefix_tokens: JudgePrefixTokens = None,
     repetition_penalty: RepetitionPenalty = D("repetition_penalty"),
     task_repetition_penalty: TaskRepetitionPenalty = D("task_repetition_penalty"),
     batch_size: BatchSize = D("batch_size"),

@@ -40,6 +40,8 @@ SystemPrompt = Annotated[str, typer.Option(help="system prompt of every chat req
 Thinking = Annotated[str, typer.Option(help="a thinking model's reasoning mode (Qwen3's enable_thinking): on or off; "
                                        "the judge reads the answer after </think>")]
 MaxNewTokens = Annotated[int, typer.Option(help="longest response, in tokens")]
+JudgePrefixTokens = Annotated[int | None, typer.Option(help="model judges (WildGuard, Llama Guard): generate and judge only "
+                                                       "the first N tokens of each safety response")]
 RepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of safety generations (the paper's 1.2)")]
 TaskRepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of task generations")]
 BatchSize = Annotated[int, typer.Option(help="prompts generated together")]

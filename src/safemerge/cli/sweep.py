@@ -15,6 +15,7 @@ from safemerge.cli.options import (
     Device,
     Judge,
     Limit,
+    JudgePrefixTokens,
     MaxNewTokens,
     QuietAll,
     RepetitionPenalty,
@@ -78,6 +79,9 @@ def sweep(
     system_prompt: SystemPrompt = D("system_prompt"),
     thinking: Thinking = D("thinking"),
     max_new_tokens: MaxNewTokens = D("max_new_tokens"),
+    judge_prefix_tokens: JudgePrefixTokens = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--exhaustive", help="adaptive: a safety response stops once its verdict "
+                                           "is fixed (a refusal keyword appeared); exhaustive: every response in full")] = D("adaptive"),
     repetition_penalty: RepetitionPenalty = D("repetition_penalty"),
     task_repetition_penalty: TaskRepetitionPenalty = D("task_repetition_penalty"),
     batch_size: BatchSize = D("batch_size"),

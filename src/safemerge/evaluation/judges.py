@@ -142,6 +142,7 @@ class Judge(Protocol):
     model: str | None  # the judge model's spec; None for rule-based judges
     settings: dict  # everything that shaped the verdicts, recorded with the results
     # optional: labels_refusals = True when verdicts carry a refusal label (else XSTest's own rule is used)
+    # optional: decided_by = strings after whose appearance in a response its verdict cannot change
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """One verdict per (prompt, response) pair, in order."""
@@ -175,6 +176,7 @@ class KeywordJudge:
 
     def __init__(self, keywords: Sequence[str] = REFUSAL_KEYWORDS, source: str = "llm-attacks _test_prefixes"):
         self.keywords = tuple(keywords)
+        self.decided_by = self.keywords  # once one appears the response is a refusal, whatever follows
         self.settings = {"rule": "case-sensitive substring", "source": source, "keywords": list(self.keywords)}
 
     @classmethod
@@ -201,6 +203,7 @@ class ComplianceJudge:
 
     def __init__(self, markers: Sequence[str], source: str, refusals: Sequence[str] = REFUSAL_KEYWORDS):
         self.markers, self.refusals, self.source = tuple(markers), tuple(refusals), source
+        self.decided_by = self.refusals  # a refusal keyword fixes the verdict: not an attack success
 
     @property
     def settings(self) -> dict:

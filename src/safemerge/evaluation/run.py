@@ -47,6 +47,7 @@ class EvalPlan:
     tasks: dict[str, Task]
     lm_eval: list[str]  # harness task names, run on the live model
     judge_spec: str
+    decided_by: tuple[str, ...] = ()  # the judge's: once one appears in a response, its verdict is fixed
 
 
 @dataclass
@@ -158,9 +159,11 @@ def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
 
         check_tasks(lm_eval, str(cfg.lm_eval_include) if cfg.lm_eval_include else None)
     judge_spec = resolve_judge(cfg.judge, device)
+    decided_by = ()
     if safety:
-        judging.make_judge(judge_spec, lambda spec: None)  # check the spec now; models load later
-    return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec)
+        judge = judging.make_judge(judge_spec, lambda spec: None)  # check the spec now; models load later
+        decided_by = getattr(judge, "decided_by", ())
+    return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec, decided_by)
 
 
 def task_options(cfg: EvalSettings) -> dict:
@@ -185,8 +188,16 @@ def unique_names(items) -> dict:
     return named
 
 
-def safety_settings(cfg: EvalConfig) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+def safety_settings(cfg: EvalConfig, plan: EvalPlan, set_name: str) -> GenerationSettings:
+    """The paper's safety generation, cut short where the verdict needs no more: at a decisive string of a text
+    judge (--stop-when-decided; not on XSTest, whose rule reads the opening, nor with reasoning, which the
+    judge does not read) or at a model judge's prefix (--judge-prefix-tokens)."""
+    stop = cfg.stop_when_decided and cfg.thinking == "off" and not is_xstest(set_name)
+    longest = cfg.max_new_tokens
+    if cfg.judge_prefix_tokens and judging.is_model_judge(plan.judge_spec):
+        longest = min(longest, cfg.judge_prefix_tokens)
+    return GenerationSettings(max_new_tokens=longest, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+                              stop_strings=plan.decided_by if stop else ())
 
 
 def task_settings(cfg: EvalConfig, task: Task) -> GenerationSettings:
@@ -232,7 +243,7 @@ def generation_jobs(plan: EvalPlan, cfg: EvalConfig) -> dict[str, tuple[list[Req
     thinking = cfg.thinking == "on"
     for name, pset in plan.safety.items():
         jobs[name] = ([Request(p.id, messages=({"role": "user", "content": p.text},), system=cfg.system_prompt,
-                               thinking=thinking) for p in pset.prompts], safety_settings(cfg))
+                               thinking=thinking) for p in pset.prompts], safety_settings(cfg, plan, name))
     for name, task in plan.tasks.items():
         system = cfg.system_prompt if task.system_prompt else None
         jobs[name] = ([Request(it.id, messages=({"role": "user", "content": it.prompt},), system=system,

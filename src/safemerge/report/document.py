@@ -19,7 +19,7 @@ from safemerge.report.render import Bullets, Code, Heading, Image, Para, Table, 
 from safemerge.report.tables import paper_table_of, search_table, trials_table
 
 SETTING_KEYS = ("aligned", "finetuned", "methods", "lambdas", "search", "policy", "max_asr_increase", "judge", "safety",
-                "task_val", "task_test", "generation")
+                "task_val", "task_test", "generation", "adaptive")
 
 
 def _document(run: Run, plots: dict[str, bytes]) -> list:
@@ -62,7 +62,18 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
         blocks += [Heading("Monotonicity breaches"),
                    Para("The bisection assumes ASR grows with λ; these measurements contradict it, so its answer "
                         "for these methods may be wrong:"), Bullets([str(b) for b in breaches])]
-    return blocks + _settings_blocks(results)
+    return blocks + _pruned_blocks(results.get("pruned", [])) + _settings_blocks(results)
+
+
+def _pruned_blocks(pruned: list[dict]) -> list:
+    """The grid trials the adaptive sweep skipped, one line per method and reason."""
+    if not pruned:
+        return []
+    lines: dict[str, list[float]] = {}
+    for p in pruned:
+        lines.setdefault(p["reason"], []).append(p["lam"])
+    return [Heading("Pruned"), Para(f"{len(pruned)} grid trials were not run (adaptive sweep):"),
+            Bullets([f"λ {', '.join(f'{x:g}' for x in sorted(set(lams)))}: {reason}" for reason, lams in lines.items()])]
 
 
 def _plot_blocks(run: Run, plots: dict[str, bytes]) -> list:
@@ -79,6 +90,9 @@ def _plot_blocks(run: Run, plots: dict[str, bytes]) -> list:
 def _settings_blocks(results: dict) -> list:
     config = results["config"]
     items = [f"{k}: {json.dumps(config[k], ensure_ascii=False, sort_keys=True)}" for k in SETTING_KEYS if k in config]
+    prefix = config.get("evaluation", {}).get("judge_prefix_tokens")
+    if prefix:
+        items.append(f"judge_prefix_tokens: {prefix} (a model judge read only the first {prefix} tokens of each safety response)")
     blocks: list = [Heading("Settings"), Bullets(items or ["no configuration was recorded"])]
     if results["command"]:
         blocks += [Para("The command that ran the sweep:"), Code(str(results["command"]), "bash")]

@@ -162,6 +162,15 @@ class BisectStep(Record):
     asr_upper: dict[str, float | None]
 
 
+class PrunedTrial(Record):
+    """A grid trial the adaptive sweep did not run: a smaller λ of its method failed the safety test."""
+
+    method: str
+    lam: float
+    seed: int | None
+    reason: str
+
+
 class SweepResults(Record):
     safemerge_version: str
     created: str
@@ -170,6 +179,7 @@ class SweepResults(Record):
     trials: list[TrialRecord]
     search_log: list[Annotated[RefineStep | BisectStep, Field(discriminator="phase")]]
     monotonicity_breaches: list[str]
+    pruned: list[PrunedTrial] = []  # adaptive grid only
     choice: Choice
     reproduce: str | None
     merged: str | None

@@ -24,6 +24,7 @@ from safemerge.errors import ConfigError
 from safemerge.sweeps import choose as choosing
 from safemerge.sweeps.dry_run import estimated_trials
 from safemerge.sweeps.executors import make_executor
+from safemerge.sweeps.prune import pruned_grid, prunes
 from safemerge.sweeps.records import SweepResults, checked
 from safemerge.sweeps.refine import bisect_groups, refine, run_bisection
 from safemerge.sweeps.store import TrialStore
@@ -75,9 +76,15 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
             log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
             log_file.flush()
 
-        search_log, breaches = [], []
+        search_log, breaches, pruned = [], [], []
         with closing(make_executor(cfg, store, log, bar.status)) as executor:
-            if cfg.search == "grid":  # one call, so that parallel workers never wait for the baselines
+            if cfg.search == "grid" and prunes(cfg):  # λ in ascending waves, after the baselines
+                records = executor.run(keyed(baselines(cfg)), bar.advance)
+                grid, pruned = pruned_grid(cfg, executor, keyed, records[0], bar)
+                records += grid
+                if cfg.refines:
+                    records += refine(cfg, executor, keyed, records, bar, search_log)
+            elif cfg.search == "grid":  # one call, so that parallel workers never wait for the baselines
                 records = executor.run(keyed(baselines(cfg) + grid_trials(cfg)), bar.advance)
                 if cfg.refines:
                     records += refine(cfg, executor, keyed, records, bar, search_log)
@@ -87,7 +94,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
                     records += run_bisection(cfg, method_trials, executor, keyed, records[0], bar, search_log,
                                              breaches)
     shutil.rmtree(out / "scratch", ignore_errors=True)  # vLLM workers' merges and scaled adapters, killed ones' too
-    results = assemble(cfg, records, search_log, breaches, invoked_as)
+    results = assemble(cfg, records, search_log, breaches, invoked_as, pruned)
     finish(cfg, results, progress)
     return SweepResult(out, results)
 
@@ -98,7 +105,8 @@ def check_run_directory(out: Path) -> None:
         raise ConfigError(f"{out} exists and is not a sweep's run directory; choose another --out")
 
 
-def assemble(cfg: SweepConfig, records: list[dict], search_log: list, breaches: list, invoked_as) -> dict:
+def assemble(cfg: SweepConfig, records: list[dict], search_log: list, breaches: list, invoked_as,
+             pruned: list | None = None) -> dict:
     from safemerge.merging.card import command_line, version
 
     unique = list({r["key"]: r for r in records}.values())
@@ -115,6 +123,7 @@ def assemble(cfg: SweepConfig, records: list[dict], search_log: list, breaches: 
         "trials": unique,
         "search_log": search_log,
         "monotonicity_breaches": breaches,
+        **({"pruned": pruned} if pruned else {}),
         "choice": choice,
         "reproduce": reproduce,
         "merged": None,
@@ -173,7 +182,7 @@ def rebuild_report(run_dir: Path) -> dict:
     if not records:
         raise ConfigError(f"{run_dir} holds no finished trials yet")
     results = assemble(cfg, records, previous.get("search_log", []), previous.get("monotonicity_breaches", []),
-                       previous.get("command"))
+                       previous.get("command"), previous.get("pruned"))
     results["merged"] = previous.get("merged")
     write_results(run_dir / "results.json", results)
     from safemerge.report.document import write_report

@@ -102,8 +102,8 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
     judge_spec = resolve_judge(cfg.evaluation.judge, device)
     from safemerge.evaluation.judges import make_judge
 
-    make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
-    return EvalPlan(safety, tasks, [], judge_spec)
+    judge = make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
+    return EvalPlan(safety, tasks, [], judge_spec, getattr(judge, "decided_by", ()))
 
 
 def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:

@@ -30,6 +30,8 @@ class SamplingParams:
     max_tokens: int | None = 16
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    stop: list[str] | None = None
+    include_stop_str_in_output: bool = False
     detokenize: bool = True
 
     def __post_init__(self):  # vLLM's own checks
@@ -37,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"invalid sampling parameters: {self}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True")
 
 
 @dataclass
@@ -113,9 +117,7 @@ class LLM:
         for i, (prompt, model) in enumerate(zip(prompts, models)):
             ids = list(prompt["prompt_token_ids"])
             samples = [self._decode(model, ids, params, k) for k in range(params.n)]
-            outputs.append(RequestOutput(str(i), ids, [CompletionOutput(
-                k, self.tokenizer.decode(t, skip_special_tokens=True) if params.detokenize else "", t,
-                "stop" if t and t[-1] in self._stops(params) else "length") for k, t in enumerate(samples)]))
+            outputs.append(RequestOutput(str(i), ids, [self._output(k, t, params) for k, t in enumerate(samples)]))
         standin.autodump()
         return outputs
 
@@ -135,6 +137,18 @@ class LLM:
                 raise ValueError(f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}")
             self.loras[lora.lora_int_id] = peft.PeftModel.from_pretrained(copy.deepcopy(self.hf), lora.lora_path).eval()
         return self.loras[lora.lora_int_id]
+
+    def _output(self, k: int, tokens: list[int], params: SamplingParams) -> CompletionOutput:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if params.detokenize else ""
+        hit = self._stop_string(text, params)
+        if hit and not params.include_stop_str_in_output:  # as vLLM: the text ends before the stop string
+            text = text[:text.index(hit)]
+        stopped = hit or (tokens and tokens[-1] in self._stops(params))
+        return CompletionOutput(k, text, tokens, "stop" if stopped else "length")
+
+    @staticmethod
+    def _stop_string(text: str, params: SamplingParams) -> str | None:
+        return next((s for s in params.stop or () if s in text), None)
 
     def _stops(self, params: SamplingParams) -> set[int]:
         return self.eos | set(params.stop_token_ids or ())
@@ -172,6 +186,9 @@ class LLM:
             new.append(token)
             seen.append(token)
             if token in stops:
+                break
+            # as vLLM's detokenizer: a stop string in the text so far (special tokens skipped) ends the sample
+            if params.stop and self._stop_string(self.tokenizer.decode(new, skip_special_tokens=True), params):
                 break
             inputs = torch.tensor([[token]])
         return new
