@@ -48,9 +48,12 @@ def test_a_sweep_keeps_its_own_vllm_shares_unless_given():
 def test_each_trial_evaluates_with_the_sweeps_settings():
     cfg = SweepConfig(**BASE, max_new_tokens=7, judge="keyword", limit=3)
     ev = cfg.eval_config()
-    settings = {name: getattr(ev, name) for name in EvalSettings.model_fields if name != "cache_dir"}
-    assert settings == {k: v for k, v in cfg.evaluation.model_dump().items() if k != "cache_dir"}
+    own = ("cache_dir", "stop_when_decided")  # the sweep sets these: its run directory, its --adaptive
+    settings = {name: getattr(ev, name) for name in EvalSettings.model_fields if name not in own}
+    assert settings == {k: v for k, v in cfg.evaluation.model_dump().items() if k not in own}
     assert ev.cache_dir == cfg.out / "cache" and ev.tasks == ["gsm8k"]
+    assert ev.stop_when_decided is cfg.adaptive is True
+    assert cfg.updated(adaptive=False).eval_config().stop_when_decided is False
 
 
 def test_a_bad_grouped_setting_is_named_as_the_command_line_spells_it():

@@ -51,7 +51,7 @@ def plan(judge: str) -> EvalPlan:
 
 
 def config(**options) -> EvalConfig:
-    return EvalConfig(model="m", out="o", max_new_tokens=256, **options)
+    return EvalConfig(model="m", out="o", safety=["advbench"], max_new_tokens=256, **options)
 
 
 def test_stop_strings_only_where_the_verdict_is_fixed_by_them():
