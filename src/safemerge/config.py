@@ -323,7 +323,10 @@ class SweepConfig(FlatSpelled):
     keep: Literal["chosen", "all", "none"] = Field("chosen", description="which merged models to write")
     executor: Literal["local", "ray"] = Field("local", description="where trials run: this process, or Ray workers")
     adaptive: bool = Field(True, description="spend generation only where the decision needs it: a safety response stops "
-                           "once its verdict is fixed; --exhaustive generates every response in full")
+                           "once its verdict is fixed, a merge's selection prompts are judged in looks and stop once the "
+                           "paired test is decided, and a failing λ prunes the larger ones; --exhaustive runs everything")
+    looks: int = Field(4, ge=1, le=20, description="adaptive, constrained policy: looks of the group-sequential paired "
+                                                    "test (equal blocks of each selection part)")
     ray: RaySettings = Field(default_factory=RaySettings)
     # a sweep keeps the trial's and the judge's vLLM engines on the GPU together: their shares add up to 0.9
     evaluation: EvalSettings = Field(
@@ -378,6 +381,11 @@ class SweepConfig(FlatSpelled):
     def refines(self) -> bool:
         """Refinement runs after a grid under the constrained policy (the paper policy has no boundary to find)."""
         return self.refine and self.search == "grid" and self.policy == "constrained"
+
+    @property
+    def sequential(self) -> bool:
+        """Merge trials judged look by look: adaptive, and a safety constraint to decide."""
+        return self.adaptive and self.policy == "constrained"
 
     @property
     def method_list(self) -> list[str]:

@@ -42,6 +42,9 @@ Thinking = Annotated[str, typer.Option(help="a thinking model's reasoning mode (
 MaxNewTokens = Annotated[int, typer.Option(help="longest response, in tokens")]
 JudgePrefixTokens = Annotated[int | None, typer.Option(help="model judges (WildGuard, Llama Guard): generate and judge only "
                                                        "the first N tokens of each safety response")]
+Adaptive = Annotated[bool, typer.Option("--adaptive/--exhaustive", help="adaptive: a safety response stops once its verdict is "
+                                        "fixed, a trial once its safety verdict is, and a failing λ prunes the larger ones; "
+                                        "exhaustive: every prompt of every trial in full")]
 RepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of safety generations (the paper's 1.2)")]
 TaskRepetitionPenalty = Annotated[float, typer.Option(help="repetition penalty of task generations")]
 BatchSize = Annotated[int, typer.Option(help="prompts generated together")]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from safemerge.cli.options import (
+    Adaptive,
     AllowCode,
     AllowPickle,
     BatchSize,
@@ -80,8 +81,7 @@ def sweep(
     thinking: Thinking = D("thinking"),
     max_new_tokens: MaxNewTokens = D("max_new_tokens"),
     judge_prefix_tokens: JudgePrefixTokens = None,
-    adaptive: Annotated[bool, typer.Option("--adaptive/--exhaustive", help="adaptive: a safety response stops once its verdict "
-                                           "is fixed (a refusal keyword appeared); exhaustive: every response in full")] = D("adaptive"),
+    adaptive: Adaptive = D("adaptive"),
     repetition_penalty: RepetitionPenalty = D("repetition_penalty"),
     task_repetition_penalty: TaskRepetitionPenalty = D("task_repetition_penalty"),
     batch_size: BatchSize = D("batch_size"),

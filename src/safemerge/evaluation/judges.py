@@ -133,6 +133,12 @@ class Verdict:
         record["categories"] = list(self.categories)
         return record
 
+    @classmethod
+    def from_dict(cls, record: dict) -> Verdict:
+        """The inverse of to_dict (extra keys, such as a judgement row's id, are ignored)."""
+        return cls(record["harmful"], record["refusal"], record.get("request_harmful"),
+                   tuple(record.get("categories") or ()), bool(record.get("parse_error")), record.get("raw"))
+
 
 PARSE_ERROR_FIELDS = {"harmful": None, "refusal": None, "request_harmful": None, "parse_error": True}
 

@@ -20,7 +20,8 @@ stops clearly worse merges at the first looks, and in the tests' simulations at 
 under a point of power against the same efficacy boundaries without it. The last look decides: b_K = -c_K.
 
 The fixed test's one exception carries over, at the last look only: a merge with no newly unsafe answer
-(worse = 0) passes there, as sweeps.choose.paired_check passes it at any size. Small margins limit early
+(worse = 0) passes there, as sweeps.choose.paired_check passes it at any size. So futility never stops a merge
+with worse = 0: on a small set its Z cannot get below the futility boundary, yet the last look would pass it. Small margins limit early
 passes: even identical verdicts give Z = -sqrt(n m / (1 - m)), so passing at look k takes n_k >= c_k^2 (1 - m) / m
 prompts (about 200 at look 3 of 4 for m = 0.02).
 """
@@ -264,7 +265,7 @@ def decide(b: Boundaries, k: int, worse: int, better: int, margin: float) -> Loo
         decision = "pass" if z <= -b.efficacy[k] or worse == 0 else "fail"
     elif z <= -b.efficacy[k]:
         decision = "pass"
-    elif z >= b.futility[k]:
+    elif z >= b.futility[k] and worse > 0:  # with none newly unsafe the last look's exception can still pass it
         decision = "fail"
     else:
         decision = "continue"

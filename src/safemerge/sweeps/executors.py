@@ -15,6 +15,8 @@ class Executor(Protocol):
     """Runs trials (each a Trial and its key: self-contained, serialisable) and returns their
     records in order, reusing stored ones; ``on_done`` sees each record as it is ready."""
 
+    reference: dict[str, str] | None  # the aligned model's selection verdicts: merges then run look by look
+
     def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None]) -> list[dict]: ...
 
     def close(self) -> None: ...
@@ -27,6 +29,7 @@ class LocalExecutor:
     def __init__(self, cfg: SweepConfig, store: TrialStore, log: Callable[[str], None], status=lambda text: None):
         self.cfg, self.store, self.log, self.status = cfg, store, log, status
         self.runner: TrialRunner | None = None
+        self.reference: dict[str, str] | None = None  # set once the aligned model is judged: adaptive merges
 
     def run(self, items: Iterable[tuple[Trial, str]], on_done: Callable[[dict], None] = lambda r: None) -> list[dict]:
         items = list(items)
@@ -40,8 +43,8 @@ class LocalExecutor:
         pending = list({key: (trial, key) for trial, key in items if key not in records}.values())
         if pending:
             self.runner = self.runner or TrialRunner(self.cfg, self.status)
-            for trial, key in self.runner.prepare(pending, self.log):
-                record, measured = self.runner.run(trial)
+            for trial, key in self.runner.prepare(pending, self.log, self.reference is not None):
+                record, measured = self.runner.run(trial, self.reference)
                 records[key] = record = {"key": key, **record}
                 self.store.put(key, record, measured)
                 self.log(f"evaluated {key} {trial.label} in {record['seconds']['total']:.1f}s")

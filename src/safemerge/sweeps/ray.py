@@ -62,13 +62,13 @@ class TrialWorker:
     def note(self, text: str) -> None:
         self.phase = text
 
-    def run(self, trial_dict: dict) -> tuple[dict, dict[str, list[dict]]]:
+    def run(self, trial_dict: dict, reference: dict[str, str] | None = None) -> tuple[dict, dict[str, list[dict]]]:
         from safemerge.evaluation.run import jsonable
 
         trial = trial_of(trial_dict)
         self.trial, self.phase = trial.label, "starting"
         try:
-            record, measured = self.runner.run(trial)
+            record, measured = self.runner.run(trial, reference)
             return record, jsonable(measured.records)
         finally:
             self.trial, self.phase = None, None
@@ -152,6 +152,7 @@ class RayExecutor:
         self.actors: list = []
         self.judge_actor = None  # --judge-placement shared
         self.owns_ray = False
+        self.reference: dict[str, str] | None = None  # the aligned model's selection verdicts: adaptive merges
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class RayExecutor:
             while queue and idle and failure is None:
                 trial, key = queue.pop(0)
                 actor = idle.pop()
-                running[actor.run.remote(asdict(trial))] = (actor, trial, key, time.perf_counter())
+                running[actor.run.remote(asdict(trial), self.reference)] = (actor, trial, key, time.perf_counter())
             self.status(f"{len(running)} trials running on Ray, {len(queue)} waiting")
             if not running:
                 break

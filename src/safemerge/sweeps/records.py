@@ -36,6 +36,28 @@ class CategoryRate(Record):
     parse_errors: int
 
 
+class Look(Record):
+    n: int  # prompts judged so far
+    worse: int
+    better: int
+    statistic: float  # Tango's Z at the margin
+    decision: Literal["pass", "fail", "continue"]
+
+
+class Sequential(Record):
+    """An adaptive merge's group-sequential paired test (sweeps/adaptive.py)."""
+
+    alpha: float
+    margin: float
+    looks: list[int]  # planned cumulative sizes
+    efficacy: list[float | None]  # pass when Z <= -c (null: no pass possible at that look)
+    futility: list[float | None]  # fail when Z >= b
+    spending: str
+    order_seed: int
+    steps: list[Look]  # the looks taken
+    decision: Literal["pass", "fail"]
+
+
 class SafetyPart(Record):
     """One part (selection or report) of one safety set, as judged."""
 
@@ -52,7 +74,9 @@ class SafetyPart(Record):
     refusal_rate: Estimate | None = None
     by_category: dict[str, CategoryRate] | None = None
     judge: str
-    verdicts: str | None = None  # one character per prompt, for the paired test (harmful sets)
+    verdicts: str | None = None  # one character per prompt, for the paired test (harmful sets); - not judged
+    judged: int | None = None  # adaptive: prompts judged before the test decided (of n)
+    sequential: Sequential | None = None
 
 
 class TaskScore(Record):

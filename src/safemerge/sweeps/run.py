@@ -26,6 +26,7 @@ from safemerge.sweeps.dry_run import estimated_trials
 from safemerge.sweeps.executors import make_executor
 from safemerge.sweeps.prune import pruned_grid, prunes
 from safemerge.sweeps.records import SweepResults, checked
+from safemerge.sweeps.runner import reference_verdicts
 from safemerge.sweeps.refine import bisect_groups, refine, run_bisection
 from safemerge.sweeps.store import TrialStore
 from safemerge.sweeps.trials import (
@@ -79,7 +80,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
         search_log, breaches, pruned = [], [], []
         with closing(make_executor(cfg, store, log, bar.status)) as executor:
             if cfg.search == "grid" and prunes(cfg):  # λ in ascending waves, after the baselines
-                records = executor.run(keyed(baselines(cfg)), bar.advance)
+                records = run_baselines(cfg, executor, keyed, bar)
                 grid, pruned = pruned_grid(cfg, executor, keyed, records[0], bar)
                 records += grid
                 if cfg.refines:
@@ -89,7 +90,7 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
                 if cfg.refines:
                     records += refine(cfg, executor, keyed, records, bar, search_log)
             else:
-                records = executor.run(keyed(baselines(cfg)), bar.advance)
+                records = run_baselines(cfg, executor, keyed, bar)
                 for method_trials in bisect_groups(cfg):
                     records += run_bisection(cfg, method_trials, executor, keyed, records[0], bar, search_log,
                                              breaches)
@@ -97,6 +98,14 @@ def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = N
     results = assemble(cfg, records, search_log, breaches, invoked_as, pruned)
     finish(cfg, results, progress)
     return SweepResult(out, results)
+
+
+def run_baselines(cfg: SweepConfig, executor, keyed, bar) -> list[dict]:
+    """The aligned and fine-tuned models, in full; the aligned one's verdicts then let merges stop early."""
+    records = executor.run(keyed(baselines(cfg)), bar.advance)
+    if cfg.sequential:
+        executor.reference = reference_verdicts(records[0])
+    return records
 
 
 def check_run_directory(out: Path) -> None:

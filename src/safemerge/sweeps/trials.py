@@ -117,6 +117,9 @@ def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
         "tasks": {name: task_digest(task) for name, task in plan.tasks.items()},
         "judge": plan.judge_spec,
         "merge": {"dtype": cfg.merge.dtype, "seed": cfg.merge.seed},
+        # an adaptive merge's record depends on the test that stopped it (trial_key: merges only)
+        "sequential": {"looks": cfg.looks, "margin": cfg.max_asr_increase, "order_seed": cfg.split_seed}
+        if cfg.sequential else None,
         "record": RECORD_VERSION,
     }
 
@@ -127,6 +130,8 @@ def task_digest(task: Task) -> str:
 
 
 def trial_key(trial: Trial, fingerprints: dict[str, str], identity: dict) -> str:
+    if trial.kind != "merge":  # baselines are evaluated in full, whatever the test
+        identity = {k: v for k, v in identity.items() if k != "sequential"}
     payload = {"trial": {k: v for k, v in asdict(trial).items() if k != "finetuned"},
                "aligned": fingerprints[CFG_ALIGNED], "finetuned": [fingerprints[f] for f in trial.finetuned],
                "evaluation": identity}
