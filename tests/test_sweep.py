@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, finetune_copy, save_model
 
 from safemerge.backends.models import load_model
 from safemerge.checkpoints.readers import open_source
@@ -191,15 +191,27 @@ def test_refinement_closes_the_gap_on_the_safety_boundary(inputs, tmp_path):
     assert log.count(" evaluated ") == len(results["trials"]) and log.count(" reused ") == len(results["trials"])
 
 
-def test_adaptive_grid_prunes_the_lambdas_above_a_failing_one(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def far_inputs(inputs, tmp_path_factory):
+    """The same aligned model with fine-tunes moved far enough that large λ change its verdicts."""
+    root = tmp_path_factory.mktemp("far")
+    base = build_model("llama", seed=11)
+    seeds = [save_model(finetune_copy(base, s, scale=0.5), root / f"seed{s}", torch.bfloat16) for s in range(2)]
+    keywords = root / "keywords.txt"
+    keywords.write_text("w85\n")  # in nearly every answer of the aligned model, rarely in the far fine-tunes'
+    return {**inputs, "seeds": seeds, "keywords": keywords}
+
+
+def test_adaptive_grid_prunes_the_lambdas_above_a_failing_one(far_inputs, tmp_path):
+    inputs = far_inputs
     lambdas = [0.3, 0.7, 0.8, 0.9]
     r = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--lambdas", ",".join(map(str, lambdas)),
-                           "--no-refine", "--keep", "none", "--max-asr-increase", "0"), tmp_path)
+                           "--no-refine", "--keep", "none"), tmp_path)
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     aligned = next(t for t in results["trials"] if t["kind"] == "aligned")
     merges = [t for t in results["trials"] if t["kind"] == "merge"]
-    failing = min(t["lam"] for t in merges if not meets_constraint(t, aligned, 0.0))
+    failing = min(t["lam"] for t in merges if not meets_constraint(t, aligned, 0.02))
     # every λ up to the first failing one ran on both seeds; every larger one is pruned, with the reason
     assert sorted((t["lam"], t["seed"]) for t in merges) == [(x, s) for x in lambdas if x <= failing for s in (0, 1)]
     assert sorted((p["lam"], p["seed"]) for p in results["pruned"]) == [(x, s) for x in lambdas if x > failing
