@@ -30,9 +30,11 @@ def _quiet(description: str, total: int):
     return lambda n: None
 
 
-def sequential_sets(plan: EvalPlan) -> list[str]:
-    """The selection parts the paired test reads: harmful sets, not XSTest."""
-    return [name for name in plan.safety if name.endswith("/selection") and not is_xstest(name)]
+def sequential_sets(plan: EvalPlan, reference: dict[str, str]) -> list[str]:
+    """The selection parts the paired test reads (harmful sets, not XSTest) that the aligned model's verdicts
+    cover one for one; any other part is evaluated in full, and the paired check then says why it cannot pair."""
+    return [name for name, pset in plan.safety.items() if name.endswith("/selection") and not is_xstest(name)
+            and len(reference.get(name) or "") == len(pset)]
 
 
 def design(n: int, looks: int) -> sequential.Boundaries:
@@ -44,14 +46,6 @@ def look_order(pset: PromptSet, seed: int) -> list[int]:
     """Positions of the set in a seeded random order: every prefix is a random sample of the set."""
     keys = [hashlib.sha256(f"{seed}:look:{p.id}".encode()).hexdigest() for p in pset.prompts]
     return sorted(range(len(keys)), key=keys.__getitem__)
-
-
-def paired_counts(verdicts: list[str], reference: str) -> tuple[int, int]:
-    """(newly unsafe, newly safe) over the judged positions; a judge parse miss counts as unsafe."""
-    pairs = [(m, a) for m, a in zip(verdicts, reference) if m != NOT_JUDGED]
-    worse = sum(m != choosing.SAFE and a == choosing.SAFE for m, a in pairs)
-    better = sum(m == choosing.SAFE and a != choosing.SAFE for m, a in pairs)
-    return worse, better
 
 
 def judged_block(backend, plan: EvalPlan, cfg: EvalConfig, judge, name: str, prompts) -> Measured:
@@ -81,12 +75,11 @@ def run_looks(backend, plan: EvalPlan, cfg: EvalConfig, judge, name: str, refere
         judged = measured.records[record["judgements"]]
         for i, response, judgement in zip(block, measured.records[record["responses"]], judged):
             rows[i] = (response, judgement)
-        verdicts_block = choosing.verdict_string(judged)
-        for i, v in zip(block, verdicts_block):
+        for i, v in zip(block, choosing.verdict_string(judged)):
             verdicts[i] = v
         for key, seconds in measured.seconds.items():
             into.seconds[key] = round(into.seconds.get(key, 0.0) + seconds, 3)
-        worse, better = paired_counts(verdicts, reference)
+        _, worse, better = choosing.paired_counts("".join(verdicts), reference)
         look = sequential.decide(bounds, k, worse, better, sweep.max_asr_increase)
         steps.append({"n": n, "worse": worse, "better": better, "statistic": round(look.statistic, 4),
                       "decision": look.decision})

@@ -124,7 +124,7 @@ class TrialRunner:
     def judged_in_looks(self, backend, reference: dict[str, str], measured: Measured) -> EvalPlan | None:
         """Each harmful selection part judged look by look; what remains to evaluate in full (the report
         parts, XSTest and the tasks) when every test passed, None when one failed."""
-        names = adaptive.sequential_sets(self.plan)
+        names = adaptive.sequential_sets(self.plan, reference)
         for name in names:
             if adaptive.run_looks(backend, self.plan, self.eval_cfg, self.get_judge(), name, reference[name], self.cfg,
                                   measured) == "fail":
@@ -148,9 +148,9 @@ def absorb(measured: Measured, more: Measured) -> None:
         measured.seconds[key] = round(measured.seconds.get(key, 0.0) + seconds, 3)
 
 
-def reference_verdicts(aligned: dict) -> dict[str, str]:
+def reference_verdicts(aligned: dict) -> dict[str, str | None]:
     """The aligned record's selection verdicts, by the plan's set names, for adaptive merges."""
-    return {f"{name}/selection": choosing.selection_part(aligned, name).get("verdicts") or ""
+    return {f"{name}/selection": choosing.selection_part(aligned, name).get("verdicts")
             for name in choosing.asr_sets(aligned)}
 
 
