@@ -13,6 +13,13 @@ and 16 validation items, 32 new tokens per response, is timed three ways:
 * the naive path: for every trial, write the merge with `safemerge merge`, load it back with
   transformers, and evaluate it (same generation settings, a cold cache of its own).
 
+Then the same sweep exhaustive and adaptive (issue 15), on the demo's tiny aligned model, its two LoRA
+fine-tunes and its held-out sets (400 harmful prompts, 200 to choose on, 200 to report; 160 XSTest-style
+prompts; 303 task items; compliance-marker judge), with the demo's four methods at λ 0.2 to 0.8 and the
+refinement: the generated tokens of every stored response of each run (both from a cold cache), their wall
+times, and whether both chose the same merge. That part runs under the demo's pinned numerics (it starts
+itself again with them), so the token counts and the choice are the same on every x86-64 machine.
+
 The figures are printed, never asserted.
 
     python benchmarks/bench_sweep.py
@@ -67,7 +74,8 @@ def sweep_config(paths: dict, out: Path):
                        methods=["linear", "ties", "model_stock"], lambdas=[0.3, 0.7],
                        safety=[f"file:{paths['harmful']}"], judge=f"keyword:{paths['keywords']}",
                        task_val=[f"gsm8k:{paths['val']}"], max_new_tokens=32, batch_size=16, device="cpu",
-                       refine=False)  # the grid only, so the naive path evaluates the same trials
+                       refine=False,  # the grid only, so the naive path evaluates the same trials
+                       adaptive=False)  # and every trial in full
 
 
 def naive(cfg, root: Path) -> tuple[float, int]:
@@ -95,12 +103,66 @@ def naive(cfg, root: Path) -> tuple[float, int]:
     return time.perf_counter() - started, len(trials)
 
 
+def generated_tokens(run: Path) -> int:
+    """Completion tokens of every response the run stored (safety and task, every trial)."""
+    return sum(json.loads(line)["completion_tokens"] for f in sorted((run / "trials").glob("*/responses/*.jsonl"))
+               for line in f.read_text(encoding="utf-8").splitlines() if line)
+
+
+def chosen_label(results: dict) -> str:
+    chosen = results["choice"]["chosen"]
+    if chosen is None or chosen.get("trial") is None:
+        return "none"
+    return next(t["label"] for t in results["trials"] if t["key"] == chosen["trial"])
+
+
+def adaptive_against_exhaustive(root: Path) -> dict:
+    """The demo's sweep run exhaustive, then adaptive, each from a cold cache."""
+    from safemerge.demo.corpus import write_sets
+    from safemerge.demo.run import LAMBDAS, METHODS, demo_finetunes, demo_sweep_config
+    from safemerge.demo.tiny import cached_tiny_aligned
+    from safemerge.sweeps.run import sweep
+
+    aligned = cached_tiny_aligned(progress=False)
+    data = write_sets(root / "demo-data")
+    adapters = demo_finetunes(aligned, data, root / "demo-finetune", 2, None, False, lambda line: None)
+    out = {}
+    for mode in ("exhaustive", "adaptive"):
+        cfg = demo_sweep_config(aligned, adapters, data, root / f"demo-{mode}", METHODS, LAMBDAS,
+                                {"adaptive": mode == "adaptive"})
+        started = time.perf_counter()
+        result = sweep(cfg, progress=False)
+        out[mode] = {"seconds": time.perf_counter() - started, "tokens": generated_tokens(cfg.out),
+                     "trials": len(result.results["trials"]), "pruned": len(result.results.get("pruned", [])),
+                     "chosen": chosen_label(result.results)}
+    return out
+
+
+def adaptive_rows(compared: dict) -> tuple[list[tuple], str]:
+    e, a = compared["exhaustive"], compared["adaptive"]
+    rows = [(mode, c["trials"], c["pruned"], c["tokens"], c["seconds"], c["chosen"]) for mode, c in compared.items()]
+    last = (f"adaptive/exhaustive generated tokens: {a['tokens'] / e['tokens']:.3f} "
+            f"(wall: {a['seconds'] / e['seconds']:.3f}; same choice: {'yes' if a['chosen'] == e['chosen'] else 'no'})")
+    return rows, last
+
+
+def pinned_again() -> None:
+    """Start this script again under the demo's pinned numerics, unless it already runs under them."""
+    import subprocess
+
+    from safemerge.demo.numerics import can_pin, is_pinned, pinned_environment
+
+    if can_pin() and not is_pinned():
+        sys.exit(subprocess.run([sys.executable, *sys.argv], env=pinned_environment(), check=False).returncode)
+
+
 def main() -> None:
     from safemerge.sweeps.run import sweep
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", action="store_true", help="write the table into README.md's bench-sweep block")
     readme = parser.parse_args().readme
+    pinned_again()
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,6 +176,7 @@ def main() -> None:
         work = {k: sum(t["seconds"][k] for t in trials) for k in ("generate", "judge", "score", "merge")}
         evaluation = work["generate"] + work["judge"] + work["score"]
         naive_total, naive_trials = naive(cfg, root)
+        compared = adaptive_against_exhaustive(root)
     rows = [("sweep, total", total), ("generation (sum over trials)", work["generate"]),
             ("judging + scoring (sum over trials)", work["judge"] + work["score"]),
             ("in-place merges (sum over trials)", work["merge"]),
@@ -127,12 +190,20 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:72} {seconds:8.2f}")
     print(overhead)
+    a_rows, last = adaptive_rows(compared)
+    a_header = ("demo sweep", "trials", "pruned", "generated tokens", "seconds", "chosen")
+    print(f"{a_header[0]:12} {a_header[1]:>6} {a_header[2]:>6} {a_header[3]:>16} {a_header[4]:>8}  {a_header[5]}")
+    for mode, trials, pruned, tokens, seconds, chosen in a_rows:
+        print(f"{mode:12} {trials:6d} {pruned:6d} {tokens:16,d} {seconds:8.2f}  {chosen}")
+    print(last)
     if readme:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
         from readme_blocks import replace_block
 
         table = "\n".join(["| | seconds |", "|---|---:|"] + [f"| {name} | {seconds:.2f} |" for name, seconds in rows])
-        replace_block("bench-sweep", f"{table}\n\n{overhead}")
+        adaptive = "\n".join(["| " + " | ".join(a_header) + " |", "|---|---:|---:|---:|---:|---|"]
+                             + [f"| {m} | {t} | {p} | {k:,} | {s:.2f} | {c} |" for m, t, p, k, s, c in a_rows])
+        replace_block("bench-sweep", f"{table}\n\n{overhead}\n\n{adaptive}\n\n{last}")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from safemerge.evaluation.sequential import Boundaries, Look, boundaries, decide, plan_looks
+from safemerge.evaluation.sequential import (Boundaries, Look, boundaries, decide, expected_size_at_margin, plan_looks,
+                                             stopping_at_margin)
 from safemerge.evaluation.stats import tango_statistic
 
 ALPHA = 0.05
@@ -275,3 +276,29 @@ def test_plan_looks(n, block, looks):
 def test_plan_looks_rejects(n, block):
     with pytest.raises(ValueError):
         plan_looks(n, block)
+
+
+@pytest.mark.parametrize("looks", [(65, 130, 195, 260), (130, 260, 390, 520), (83, 166, 249, 330), (4, 8, 12, 16)])
+def test_stopping_at_the_margin_by_monte_carlo(looks):
+    """The dry run's expected cost: P(stop at look k) under H0 with both boundaries, against simulated paths."""
+    reps = 200_000
+    b = boundaries(looks, ALPHA)
+    z = normal_paths(looks, reps, seed=11)
+    stopped = (z <= -np.array(b.efficacy)) | (z >= np.array(b.futility))
+    stopped[:, -1] = True
+    first = np.argmax(stopped, axis=1)
+    simulated = np.bincount(first, minlength=len(looks)) / reps
+    for k, p in enumerate(stopping_at_margin(b)):
+        assert abs(simulated[k] - p) <= slack(p, reps), (k, simulated[k], p)
+    assert sum(stopping_at_margin(b)) == pytest.approx(1.0)
+    assert expected_size_at_margin(b) == pytest.approx(np.asarray(looks)[first].mean(), rel=0.01)
+
+
+@pytest.mark.parametrize("n, margin, p_better", [(520, 0.02, 0.02), (330, 0.05, 0.03)])
+def test_expected_size_holds_for_paired_verdicts_at_the_margin(n, margin, p_better):
+    """At AdvBench's and HEx-PHI's sizes, merges whose true ASR increase is the margin use about the expected
+    number of prompts the dry run promises (the normal approximation, on discrete paired verdicts)."""
+    block = math.ceil(n / 4)
+    used = simulate(n, block, margin, p_better + margin, p_better, seed=n)["used"]
+    expected = expected_size_at_margin(boundaries(plan_looks(n, block), ALPHA))
+    assert abs(used - expected) <= 0.05 * n, (used, expected)

@@ -155,6 +155,11 @@ def print_dry_run(values: dict, tokens_per_second: float) -> None:
     typer.echo(f"generations: {plan['generations']:,}; judge {plan['judge']}: {plan['judge_calls']:,} model calls")
     typer.echo(f"generated tokens: at most {plan['max_generated_tokens']:,}; at an assumed {tokens_per_second:,.0f} "
                f"tokens/s per GPU that is at most {plan['gpu_hours_upper_bound']:.1f} GPU hours")
+    if plan["adaptive"]:
+        a = plan["adaptive"]
+        typer.echo(f"adaptive (expected): {a['expected_generations']:,} generations, at most "
+                   f"{a['expected_max_generated_tokens']:,} tokens ({a['ratio']:.0%} of the exhaustive bound); "
+                   f"assuming {a['assumptions']}")
     if plan["vllm"]:
         v = plan["vllm"]
         typer.echo(f"vllm: {v['lora_trials']} trials served by one engine on the aligned model ({v['lora_adapters']} "

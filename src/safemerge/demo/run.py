@@ -59,37 +59,16 @@ def run_demo(out: Path, *, seeds: int = 2, rebuild: bool = False, progress: bool
 def demo_steps(out: Path, seeds: int, rebuild: bool, progress: bool, size: str, methods, lambdas, finetune_settings,
                sweep_settings, echo) -> DemoResult:
     from safemerge.demo.corpus import write_sets
-    from safemerge.demo.tiny import build_tiny_aligned, cached_tiny_aligned
-    from safemerge.finetuning.train import finetune
     from safemerge.sweeps.run import sweep
 
     started = time.perf_counter()
-    if size == "default":
-        aligned = cached_tiny_aligned(rebuild, progress=progress)
-    else:  # a reduced model for tests, kept inside OUT
-        aligned = out / f"tiny-aligned-{size}"
-        if rebuild or not (aligned / "config.json").exists():
-            build_tiny_aligned(aligned, progress=progress, size=size)
+    aligned = demo_aligned(out, rebuild, progress, size)
     built = time.perf_counter()
     data = write_sets(out / "data")
-    settings = {**FINETUNE, **(finetune_settings or {})}
-    adapters = []
-    for seed in range(seeds):
-        adapter = out / "finetune" / f"seed{seed}"
-        echo("$ " + shlex.join(["safemerge", "finetune", str(aligned), "--data", str(data["finetune"]), "--out",
-                                str(adapter), "--seed", str(seed), *flags(settings)]))
-        if not same_finetune(adapter, aligned, settings, seed):
-            finetune(str(aligned), data["finetune"], adapter, seed=seed, device="cpu", force=True, progress=progress,
-                     **settings)
-            (adapter / "demo-finetune.json").write_text(json.dumps(finetune_record(aligned, settings, seed)))
-        adapters.append(str(adapter))
+    adapters = demo_finetunes(aligned, data, out / "finetune", seeds, finetune_settings, progress, echo)
     tuned = time.perf_counter()
-    cfg = SweepConfig(
-        aligned=str(aligned), finetuned=adapters, out=out / "run",
-        methods=methods or (METHODS if seeds > 1 else METHODS[:-1]), lambdas=lambdas or LAMBDAS, safety=[f"file:{data['harmful']}", f"xstest:{data['overrefusal']}"],
-        judge=f"compliance:{data['compliance_markers']}", task_val=[f"file:{data['task_val']}:numeric"],
-        task_test=[f"file:{data['task_test']}:numeric", f"file:{data['skills']}:exact"],
-        **{**SWEEP, **(sweep_settings or {})})
+    cfg = demo_sweep_config(aligned, adapters, data, out / "run", methods or (METHODS if seeds > 1 else METHODS[:-1]),
+                            lambdas or LAMBDAS, sweep_settings)
     echo("$ " + sweep_command(cfg))
     result = sweep(cfg, progress=progress)
     finished = time.perf_counter()
@@ -98,6 +77,48 @@ def demo_steps(out: Path, seeds: int, rebuild: bool, progress: bool, size: str, 
                "total": finished - started}
     (out / "demo.json").write_text(json.dumps({"summary": summary, "seconds": seconds}, indent=2) + "\n")
     return DemoResult(out, result.results, summary, seconds)
+
+
+def demo_aligned(out: Path, rebuild: bool, progress: bool, size: str) -> Path:
+    """The default tiny aligned model from the cache (built first when absent); a reduced size is kept inside OUT."""
+    from safemerge.demo.tiny import build_tiny_aligned, cached_tiny_aligned
+
+    if size == "default":
+        return cached_tiny_aligned(rebuild, progress=progress)
+    aligned = out / f"tiny-aligned-{size}"
+    if rebuild or not (aligned / "config.json").exists():
+        build_tiny_aligned(aligned, progress=progress, size=size)
+    return aligned
+
+
+def demo_finetunes(aligned: Path, data: dict, where: Path, seeds: int, finetune_settings: dict | None, progress: bool,
+                   echo: Callable[[str], None]) -> list[str]:
+    """The demo's LoRA fine-tune per seed, WHERE/seed<i>; one already there with the same settings is reused."""
+    from safemerge.finetuning.train import finetune
+
+    settings = {**FINETUNE, **(finetune_settings or {})}
+    adapters = []
+    for seed in range(seeds):
+        adapter = where / f"seed{seed}"
+        echo("$ " + shlex.join(["safemerge", "finetune", str(aligned), "--data", str(data["finetune"]), "--out",
+                                str(adapter), "--seed", str(seed), *flags(settings)]))
+        if not same_finetune(adapter, aligned, settings, seed):
+            finetune(str(aligned), data["finetune"], adapter, seed=seed, device="cpu", force=True, progress=progress,
+                     **settings)
+            (adapter / "demo-finetune.json").write_text(json.dumps(finetune_record(aligned, settings, seed)))
+        adapters.append(str(adapter))
+    return adapters
+
+
+def demo_sweep_config(aligned: Path, adapters: list[str], data: dict, out: Path, methods: list[str],
+                      lambdas: list[float], sweep_settings: dict | None = None) -> SweepConfig:
+    """The demo's sweep over the held-out sets of corpus.write_sets."""
+    return SweepConfig(
+        aligned=str(aligned), finetuned=adapters, out=out, methods=methods, lambdas=lambdas,
+        safety=[f"file:{data['harmful']}", f"xstest:{data['overrefusal']}"],
+        judge=f"compliance:{data['compliance_markers']}", task_val=[f"file:{data['task_val']}:numeric"],
+        task_test=[f"file:{data['task_test']}:numeric", f"file:{data['skills']}:exact"],
+        **{**SWEEP, **(sweep_settings or {})})
 
 
 def finetune_record(aligned: Path, settings: dict, seed: int) -> dict:

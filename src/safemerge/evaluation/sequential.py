@@ -270,3 +270,19 @@ def decide(b: Boundaries, k: int, worse: int, better: int, margin: float) -> Loo
     else:
         decision = "continue"
     return Look(k, n, z, decision)
+
+
+def stopping_at_margin(b: Boundaries) -> tuple[float, ...]:
+    """P(the test stops at look k) for a merge exactly at the margin (H0), both boundaries in force; sums to 1.
+    Futility's worse > 0 condition is ignored: at the margin almost every run has a newly unsafe answer."""
+    fractions = [n / b.looks[-1] for n in b.looks]
+    process, stops = _Process(fractions, _spacing(fractions)), []
+    for c, f in zip(b.efficacy[:-1], b.futility[:-1]):
+        stops.append(process.below(-c) + process.above(f))
+        process.advance(-c, f)
+    return (*stops, max(0.0, 1.0 - sum(stops)))
+
+
+def expected_size_at_margin(b: Boundaries) -> float:
+    """The expected number of prompts judged for a merge exactly at the margin (the average sample number)."""
+    return sum(n * p for n, p in zip(b.looks, stopping_at_margin(b)))

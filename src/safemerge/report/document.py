@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from safemerge.checkpoints.writer import disk_error, write_file
+from safemerge.report.adaptive import adaptive_blocks
 from safemerge.report.formatting import CHOSEN_MARK, FAILS_MARK
 from safemerge.report.plots import all_plots, lambda_methods, plot_name, tradeoff_points
 from safemerge.report.reading import Run, read_run
@@ -62,7 +63,7 @@ def _document(run: Run, plots: dict[str, bytes]) -> list:
         blocks += [Heading("Monotonicity breaches"),
                    Para("The bisection assumes ASR grows with λ; these measurements contradict it, so its answer "
                         "for these methods may be wrong:"), Bullets([str(b) for b in breaches])]
-    return blocks + _pruned_blocks(results.get("pruned", [])) + _settings_blocks(results)
+    return blocks + adaptive_blocks(run) + _pruned_blocks(results.get("pruned", [])) + _settings_blocks(results)
 
 
 def _pruned_blocks(pruned: list[dict]) -> list:

@@ -39,7 +39,34 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
         "generations": trials * per_trial, "judge": plan.judge_spec, "judge_calls": judge_calls,
         "max_generated_tokens": generated, "assumed_tokens_per_second": tokens_per_second,
         "gpu_hours_upper_bound": generated / tokens_per_second / 3600, "vllm": engines,
+        "adaptive": adaptive_estimate(cfg, plan, planned_trials(cfg), trials * per_trial) if cfg.sequential else None,
     }
+
+
+ADAPTIVE_ASSUMPTIONS = ("every merge sits exactly at the safety margin, where the group-sequential test judges the "
+                        "most prompts on average; every merge then runs its report parts, XSTest and tasks in full, "
+                        "as one that passes does; no λ is pruned. Merges clearly safer or clearly less safe than the "
+                        "margin stop sooner, failing ones skip their tasks, and pruning removes trials, so a real sweep "
+                        "usually spends less.")
+
+
+def adaptive_estimate(cfg: SweepConfig, plan, trials: list[Trial], exhaustive: int) -> dict:
+    """The expected generations of the adaptive sweep under ADAPTIVE_ASSUMPTIONS: each merge's harmful selection
+    parts cost their expected sample number at the margin instead of their size."""
+    from safemerge.evaluation import sequential
+    from safemerge.evaluation.prompts import is_xstest
+    from safemerge.sweeps.adaptive import design
+
+    selection = {name: len(p.prompts) for name, p in plan.safety.items()
+                 if name.endswith("/selection") and not is_xstest(name)}
+    expected = {name: sequential.expected_size_at_margin(design(n, cfg.looks)) for name, n in selection.items()}
+    merges = sum(t.kind == "merge" for t in trials)
+    saved = merges * sum(n - expected[name] for name, n in selection.items())
+    generations = exhaustive - saved
+    return {"looks": cfg.looks, "expected_selection_prompts_per_merge": {k: round(v, 1) for k, v in expected.items()},
+            "selection_prompts_per_merge": selection, "expected_generations": round(generations),
+            "expected_max_generated_tokens": round(generations * cfg.evaluation.max_new_tokens),
+            "ratio": generations / exhaustive if exhaustive else 1.0, "assumptions": ADAPTIVE_ASSUMPTIONS}
 
 
 def estimated_trials(cfg: SweepConfig) -> int:
