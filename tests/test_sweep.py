@@ -219,6 +219,55 @@ def test_adaptive_grid_prunes_the_lambdas_above_a_failing_one(far_inputs, tmp_pa
     assert results["pruned"] and all(f"λ = {failing:g}" in p["reason"] for p in results["pruned"])
     assert "Pruned" in (tmp_path / "run" / "report.md").read_text()
     assert results["config"]["adaptive"] is True
+    # a merge that fails the group-sequential test stops there: no report part, no tasks
+    for t in merges:
+        if t["lam"] == failing:
+            assert selection_of(t)["sequential"]["decision"] == "fail", selection_of(t)
+            (harmful,) = t["safety"].values()
+            assert harmful.get("report") is None and not t["tasks"]["val"] and not t["tasks"]["test"]
+
+
+def selection_of(trial: dict) -> dict:
+    (harmful,) = trial["safety"].values()
+    return harmful["selection"]
+
+
+def test_adaptive_sweep_stops_a_passing_merge_early_and_resumes(inputs, tmp_path):
+    """With a wide margin a merge whose verdicts match the aligned model's passes before the last look: its
+    selection part stops early (the verdicts it has equal the exhaustive sweep's), its report part and tasks run
+    in full, the report states the design, and a second run reuses every trial."""
+    args = ["--methods", "linear", "--lambdas", "0.5", "--no-refine", "--keep", "none", "--max-asr-increase", "0.5"]
+    r = run_cli(sweep_args(inputs, tmp_path / "run", *args), tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    merges = [t for t in results["trials"] if t["kind"] == "merge"]
+    assert len(merges) == 2
+    exhaustive = run_cli(sweep_args(inputs, tmp_path / "full", *args, "--exhaustive"), tmp_path)
+    assert exhaustive.returncode == 0, exhaustive.stderr
+    full = {(t["kind"], t["seed"]): t for t in json.loads((tmp_path / "full" / "results.json").read_text())["trials"]}
+    for merge in merges:
+        part = selection_of(merge)
+        seq = part["sequential"]
+        assert seq["decision"] == "pass" and len(seq["steps"]) < len(seq["looks"]), seq
+        assert part["judged"] == seq["steps"][-1]["n"] < part["n"] == len(part["verdicts"])
+        assert part["verdicts"].count("-") == part["n"] - part["judged"]
+        reference = selection_of(full[("merge", merge["seed"])])
+        assert "sequential" not in reference or reference["sequential"] is None
+        assert all(v == w for v, w in zip(part["verdicts"], reference["verdicts"]) if v != "-")
+        (harmful,) = merge["safety"].values()
+        assert harmful["report"]["n"] == selection_of(merge)["n"] and "-" not in harmful["report"]["verdicts"]
+        assert merge["tasks"]["val"] and merge["tasks"]["test"]
+        slug = next(iter(merge["safety"])).replace(":", "_")
+        stored = list((tmp_path / "run" / "trials" / merge["key"] / "responses").glob("*selection*.jsonl"))
+        assert len(stored) == 1 and len(rows(stored[0])) == part["judged"], (slug, stored)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Adaptive evaluation" in report and merges[0]["safety"] and "alpha spending" in report
+    assert "Adaptive evaluation" not in (tmp_path / "full" / "report.md").read_text()
+    again = run_cli(sweep_args(inputs, tmp_path / "run", *args), tmp_path)
+    assert again.returncode == 0, again.stderr
+    log = (tmp_path / "run" / "sweep.log").read_text()
+    assert log.count(" reused ") == len(results["trials"]) == log.count(" evaluated ")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["trials"] == results["trials"]
 
 
 def test_run_yaml_and_bad_inputs(inputs, tmp_path):

@@ -27,7 +27,7 @@ def adaptive_blocks(run: Run) -> list:
         f"tasks), or continue. {first['spending']}")]
     designs = {tuple(p["sequential"]["looks"]): p["sequential"] for _, _, p in parts}
     for looks, seq in designs.items():
-        rows = [[str(k + 1), str(n), _bound(c, "≤ −"), _bound(b, "≥ ")]
+        rows = [[str(k + 1), str(n), _bound(None if c is None else -c, "≤"), _bound(b, "≥")]
                 for k, (n, c, b) in enumerate(zip(looks, seq["efficacy"], seq["futility"]))]
         blocks += [Para(f"Boundaries for {looks[-1]} prompts (Tango's Z at the margin):"),
                    Table(["look", "prompts judged", "pass when Z", "fail when Z"], rows)]
@@ -39,4 +39,4 @@ def adaptive_blocks(run: Run) -> list:
 
 
 def _bound(value: float | None, relation: str) -> str:
-    return "never" if value is None else f"{relation}{value:.3f}"
+    return "never" if value is None else f"{relation} {value:.3f}"

@@ -91,8 +91,9 @@ def run_looks(backend, plan: EvalPlan, cfg: EvalConfig, judge, name: str, refere
     categories = [pset.prompts[i].category for i in kept]
     slug = record["responses"]
     into.safety[name] = {
-        "source": pset.source, "sha256": pset.sha256, "n": len(pset), "judged": len(kept), "generation": settings,
-        "cache_hits": hits, **safety_summary(judged_verdicts, categories if any(categories) else None),
+        "source": pset.source, "sha256": pset.sha256, "generation": settings, "cache_hits": hits,
+        **safety_summary(judged_verdicts, categories if any(categories) else None),
+        "n": len(pset), "judged": len(kept),  # the set's size; the estimates above are of the judged prompts
         "judge": record["judge"], "responses": slug, "judgements": record["judgements"],
         "verdicts": "".join(verdicts),
         "sequential": {"alpha": ALPHA, "margin": sweep.max_asr_increase, "looks": list(bounds.looks),
