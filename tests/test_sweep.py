@@ -18,6 +18,7 @@ from conftest import build_model, finetune_copy, save_model
 from safemerge.backends.models import load_model
 from safemerge.checkpoints.readers import open_source
 from safemerge.config import MergeConfig
+from safemerge.evaluation.sequential import boundaries, expected_size_at_margin, plan_looks
 from safemerge.evaluation.stats import wilson
 from safemerge.merging.inplace import merge_into
 from safemerge.merging.stream import merge
@@ -340,7 +341,15 @@ def test_dry_run_prints_the_plan_and_runs_nothing(inputs, tmp_path):
     assert f"up to {refining} refining λ" in r.stdout
     assert f"generations: {trials * per_trial}" in r.stdout and "0 model calls" in r.stdout
     assert f"at most {trials * per_trial * 8:,}" in r.stdout  # 8 new tokens each
+    # adaptive: each merge judges its 8 selection prompts in 4 looks of 2, at the margin E[n] of them on average
+    merges = trials - 3
+    expected = expected_size_at_margin(boundaries(plan_looks(8, 2)))
+    generations = round(trials * per_trial - merges * (8 - expected))
+    assert f"adaptive (expected): {generations:,} generations" in r.stdout, r.stdout
     assert not (tmp_path / "run").exists()
+    exhaustive = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--dry-run", "--exhaustive"),
+                         tmp_path)
+    assert exhaustive.returncode == 0 and "adaptive" not in exhaustive.stdout, exhaustive.stdout
 
 
 def test_report_of_a_hand_edited_sweep_json_is_one_clear_line(tmp_path):
