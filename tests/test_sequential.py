@@ -11,8 +11,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from safemerge.evaluation.sequential import (Boundaries, Look, boundaries, decide, expected_size_at_margin, plan_looks,
-                                             stopping_at_margin)
+from safemerge.evaluation.sequential import (Boundaries, Look, boundaries, decide, decisions_at_margin,
+                                             expected_size_at_margin, plan_looks, stopping_at_margin)
 from safemerge.evaluation.stats import tango_statistic
 
 ALPHA = 0.05
@@ -290,6 +290,8 @@ def test_stopping_at_the_margin_by_monte_carlo(looks):
     simulated = np.bincount(first, minlength=len(looks)) / reps
     for k, p in enumerate(stopping_at_margin(b)):
         assert abs(simulated[k] - p) <= slack(p, reps), (k, simulated[k], p)
+    passed = (z <= -np.array(b.efficacy))[np.arange(reps), first].mean()
+    assert abs(passed - sum(decisions_at_margin(b)[0])) <= slack(ALPHA, reps), passed
     assert sum(stopping_at_margin(b)) == pytest.approx(1.0)
     assert expected_size_at_margin(b) == pytest.approx(np.asarray(looks)[first].mean(), rel=0.01)
 

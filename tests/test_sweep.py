@@ -18,7 +18,7 @@ from conftest import build_model, finetune_copy, save_model
 from safemerge.backends.models import load_model
 from safemerge.checkpoints.readers import open_source
 from safemerge.config import MergeConfig
-from safemerge.evaluation.sequential import boundaries, expected_size_at_margin, plan_looks
+from safemerge.evaluation.sequential import boundaries, decisions_at_margin, expected_size_at_margin, plan_looks
 from safemerge.evaluation.stats import wilson
 from safemerge.merging.inplace import merge_into
 from safemerge.merging.stream import merge
@@ -341,11 +341,14 @@ def test_dry_run_prints_the_plan_and_runs_nothing(inputs, tmp_path):
     assert f"up to {refining} refining λ" in r.stdout
     assert f"generations: {trials * per_trial}" in r.stdout and "0 model calls" in r.stdout
     assert f"at most {trials * per_trial * 8:,}" in r.stdout  # 8 new tokens each
-    # adaptive: each merge judges its 8 selection prompts in 4 looks of 2, at the margin E[n] of them on average
-    merges = trials - 3
-    expected = expected_size_at_margin(boundaries(plan_looks(8, 2)))
-    generations = round(trials * per_trial - merges * (8 - expected))
-    assert f"adaptive (expected): {generations:,} generations" in r.stdout, r.stdout
+    # adaptive: each merge judges its 8 selection prompts in 4 looks of 2, E[n] of them on average at the margin,
+    # and only when it passes (probability P there) its other 16 generations
+    merges, design = trials - 3, boundaries(plan_looks(8, 2))
+    expected, passes = expected_size_at_margin(design), sum(decisions_at_margin(design)[0])
+    at_margin = round(3 * per_trial + merges * (expected + passes * (per_trial - 8)))
+    if_all_pass = round(trials * per_trial - merges * (8 - expected))
+    assert f"adaptive, expected: {at_margin:,} generations" in r.stdout, r.stdout
+    assert f"; {if_all_pass:,} (" in r.stdout and 0 < passes <= 0.05
     assert not (tmp_path / "run").exists()
     exhaustive = run_cli(sweep_args(inputs, tmp_path / "run", "--methods", "linear", "--dry-run", "--exhaustive"),
                          tmp_path)

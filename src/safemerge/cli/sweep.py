@@ -157,9 +157,10 @@ def print_dry_run(values: dict, tokens_per_second: float) -> None:
                f"tokens/s per GPU that is at most {plan['gpu_hours_upper_bound']:.1f} GPU hours")
     if plan["adaptive"]:
         a = plan["adaptive"]
-        typer.echo(f"adaptive (expected): {a['expected_generations']:,} generations, at most "
-                   f"{a['expected_max_generated_tokens']:,} tokens ({a['ratio']:.0%} of the exhaustive bound); "
-                   f"assuming {a['assumptions']}")
+        typer.echo(f"adaptive, expected: {a['expected_generations_at_margin']:,} generations (at most "
+                   f"{a['expected_max_tokens_at_margin']:,} tokens, {a['ratio_at_margin']:.0%} of the exhaustive bound) "
+                   f"when every merge sits at the safety margin; {a['expected_generations_if_all_pass']:,} "
+                   f"({a['ratio_if_all_pass']:.0%}) when every merge passes. Assumed: {a['assumptions']}")
     if plan["vllm"]:
         v = plan["vllm"]
         typer.echo(f"vllm: {v['lora_trials']} trials served by one engine on the aligned model ({v['lora_adapters']} "

@@ -272,15 +272,24 @@ def decide(b: Boundaries, k: int, worse: int, better: int, margin: float) -> Loo
     return Look(k, n, z, decision)
 
 
-def stopping_at_margin(b: Boundaries) -> tuple[float, ...]:
-    """P(the test stops at look k) for a merge exactly at the margin (H0), both boundaries in force; sums to 1.
-    Futility's worse > 0 condition is ignored: at the margin almost every run has a newly unsafe answer."""
+
+def decisions_at_margin(b: Boundaries) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(P(pass at look k), P(fail at look k)) for a merge exactly at the margin (H0), both boundaries in force;
+    together they sum to 1. Futility's worse > 0 condition is ignored: at the margin almost every run has a
+    newly unsafe answer."""
     fractions = [n / b.looks[-1] for n in b.looks]
-    process, stops = _Process(fractions, _spacing(fractions)), []
-    for c, f in zip(b.efficacy[:-1], b.futility[:-1]):
-        stops.append(process.below(-c) + process.above(f))
+    process, passes, fails = _Process(fractions, _spacing(fractions)), [], []
+    for c, f in zip(b.efficacy, b.futility):
+        passes.append(process.below(-c))
+        fails.append(process.above(f))
         process.advance(-c, f)
-    return (*stops, max(0.0, 1.0 - sum(stops)))
+    fails[-1] = max(0.0, 1.0 - sum(passes) - sum(fails[:-1]))  # the last look decides every remaining path
+    return tuple(passes), tuple(fails)
+
+
+def stopping_at_margin(b: Boundaries) -> tuple[float, ...]:
+    """P(the test stops at look k) for a merge exactly at the margin; sums to 1."""
+    return tuple(p + f for p, f in zip(*decisions_at_margin(b)))
 
 
 def expected_size_at_margin(b: Boundaries) -> float:

@@ -43,30 +43,42 @@ def dry_run(cfg: SweepConfig, tokens_per_second: float = 2500.0) -> dict:
     }
 
 
-ADAPTIVE_ASSUMPTIONS = ("every merge sits exactly at the safety margin, where the group-sequential test judges the "
-                        "most prompts on average; every merge then runs its report parts, XSTest and tasks in full, "
-                        "as one that passes does; no λ is pruned. Merges clearly safer or clearly less safe than the "
-                        "margin stop sooner, failing ones skip their tasks, and pruning removes trials, so a real sweep "
-                        "usually spends less.")
+ADAPTIVE_ASSUMPTIONS = ("a merge exactly at the safety margin judges the expected number of selection prompts of the "
+                        "group-sequential design there and passes with its probability there (at most alpha); one that "
+                        "fails skips its other sets, report parts, XSTest and tasks. The bound for merges that all pass "
+                        "runs those in full. Pruning is not counted: it depends on the results.")
 
 
 def adaptive_estimate(cfg: SweepConfig, plan, trials: list[Trial], exhaustive: int) -> dict:
-    """The expected generations of the adaptive sweep under ADAPTIVE_ASSUMPTIONS: each merge's harmful selection
-    parts cost their expected sample number at the margin instead of their size."""
+    """The adaptive sweep's expected generations under ADAPTIVE_ASSUMPTIONS, for merges at the margin and for
+    merges that all pass (their selection parts still cost the expected number at the margin)."""
     from safemerge.evaluation import sequential
     from safemerge.evaluation.prompts import is_xstest
     from safemerge.sweeps.adaptive import design
 
-    selection = {name: len(p.prompts) for name, p in plan.safety.items()
-                 if name.endswith("/selection") and not is_xstest(name)}
-    expected = {name: sequential.expected_size_at_margin(design(n, cfg.looks)) for name, n in selection.items()}
+    sizes = {name: len(p.prompts) for name, p in plan.safety.items()}
+    per_trial = sum(sizes.values()) + sum(len(t.items) * int(t.generation.get("num_samples", 1))
+                                          for t in plan.tasks.values())
+    at_margin, if_passing, reach = 0.0, 0.0, 1.0  # reach: P(every earlier set passed)
+    for name, n in sizes.items():
+        if name.endswith("/selection") and not is_xstest(name):
+            bounds = design(n, cfg.looks)
+            passes, _ = sequential.decisions_at_margin(bounds)
+            at_margin += reach * sequential.expected_size_at_margin(bounds)
+            if_passing += sequential.expected_size_at_margin(bounds)
+            reach *= sum(passes)
+    rest = per_trial - sum(n for name, n in sizes.items() if name.endswith("/selection") and not is_xstest(name))
     merges = sum(t.kind == "merge" for t in trials)
-    saved = merges * sum(n - expected[name] for name, n in selection.items())
-    generations = exhaustive - saved
-    return {"looks": cfg.looks, "expected_selection_prompts_per_merge": {k: round(v, 1) for k, v in expected.items()},
-            "selection_prompts_per_merge": selection, "expected_generations": round(generations),
-            "expected_max_generated_tokens": round(generations * cfg.evaluation.max_new_tokens),
-            "ratio": generations / exhaustive if exhaustive else 1.0, "assumptions": ADAPTIVE_ASSUMPTIONS}
+    others = exhaustive - merges * per_trial
+    margin_total = others + merges * (at_margin + reach * rest)
+    passing_total = others + merges * (if_passing + rest)
+    tokens = cfg.evaluation.max_new_tokens
+    return {"looks": cfg.looks, "expected_generations_at_margin": round(margin_total),
+            "expected_generations_if_all_pass": round(passing_total),
+            "expected_max_tokens_at_margin": round(margin_total * tokens),
+            "expected_max_tokens_if_all_pass": round(passing_total * tokens),
+            "ratio_at_margin": margin_total / exhaustive if exhaustive else 1.0,
+            "ratio_if_all_pass": passing_total / exhaustive if exhaustive else 1.0, "assumptions": ADAPTIVE_ASSUMPTIONS}
 
 
 def estimated_trials(cfg: SweepConfig) -> int:
