@@ -172,8 +172,9 @@ def test_ray_workers_serve_vllm_trials_as_the_local_executor_does(runs, lora_inp
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'safemerge[ray]')")
     cwd, _ = runs
     local = json.loads((cwd / "run-vllm" / "sweep.json").read_text())
-    cfg = {**local, "out": str(tmp_path / "run"), "executor": "ray", "gpus_per_trial": 1, "cpus_per_trial": 1,
-           "num_workers": 2, "cache_dir": None}
+    # the local sweep's λ 0.3 only: a trial's identity does not depend on the grid around it, so they pair by key
+    cfg = {**local, "lambdas": [0.3], "out": str(tmp_path / "run"), "executor": "ray", "gpus_per_trial": 1,
+           "cpus_per_trial": 1, "num_workers": 2, "cache_dir": None}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEMERGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", RAY_SWEEP, json.dumps(cfg)], capture_output=True, text=True, env=env,
@@ -181,7 +182,7 @@ def test_ray_workers_serve_vllm_trials_as_the_local_executor_does(runs, lora_inp
     assert r.returncode == 0, r.stderr[-3000:]
     theirs = {t["label"]: t for t in results(cwd, "vllm")["trials"]}
     ours = json.loads((tmp_path / "run" / "results.json").read_text())["trials"]
-    assert len(ours) == len(theirs) == 11
+    assert len(ours) == 7 and len(theirs) == 11  # aligned, 2 fine-tuned, (linear, slerp) at λ 0.3 × 2 seeds
     for trial in ours:
         other = theirs[trial["label"]]
         assert trial["key"] == other["key"]  # where a trial runs is not part of its identity

@@ -22,7 +22,7 @@ from safemerge.evaluation.stats import wilson
 METHODS = ["linear", "slerp", "dare_linear", "model_stock"]
 LAMBDAS = [0.2, 0.4, 0.6, 0.8]
 # the demo fine-tune: a small change relative to the tiny model's weights (see demo/corpus.py)
-FINETUNE = {"lora_r": 8, "lora_alpha": 16, "lr": 4e-3, "max_steps": 600, "batch_size": 8, "val_fraction": 0.1}
+FINETUNE = {"lora_r": 8, "lora_alpha": 16, "lr": 6e-3, "max_steps": 600, "batch_size": 8, "val_fraction": 0.1}
 # the sweep's defaults but for the length of a response (the tiny world's answers are short) and the batch size;
 # the safety allowance is the default 0.02: the held-out harmful set (200 selection prompts) is large enough
 SWEEP = {"max_new_tokens": 48, "batch_size": 64, "repetition_penalty": 1.2, "device": "cpu", "dtype": "float32"}

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from safemerge.demo import corpus
 
-VERSION = "2"
+VERSION = "3"
 # The content fingerprint (safemerge's XXH3 over every tensor) of the default build under the demo's pinned
 # numerics (numerics.py) on x86-64: the model the README's figures come from. tests/test_demo.py builds it again
 # and fails when the build drifts (a library changed its kernels, or the world changed without a new VERSION).
-BUILD_FINGERPRINT = "xxh3-128:a9db4c59eefa4c33a2794fa1b7d9e426"
+BUILD_FINGERPRINT = "xxh3-128:04cc106c4c21a1914b9094399948f08e"
 SPECIALS = ("<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 END_OF_TURN = "<|end|>"
 RECORD = "safemerge_tiny.json"  # written last: its presence marks a finished build
@@ -44,7 +44,7 @@ class TinySize:
     heads: int = 4
     vocab: int = 1024
     steps: int = 600  # helpful-only stage
-    align_steps: int = 250  # alignment stage: refusal firm enough that merges keep it, thin enough to erode
+    align_steps: int = 300  # alignment stage: refusal firm enough that merges keep it, thin enough to erode
     batch: int = 32
     lr: float = 2e-3
     align_lr: float = 1e-3
