@@ -3,7 +3,8 @@
 Float sums depend on how a kernel splits them: the thread count, and the vector width torch and MKL pick for
 this CPU (AVX2 on one laptop, AVX-512 on another). Training amplifies a last-bit difference into other
 weights, and other weights into other figures. The demo therefore runs with a fixed thread count and the
-AVX2 code paths of torch (ATEN_CPU_CAPABILITY), MKL (MKL_CBWR, conditional numerical reproducibility) and
+AVX2 code paths of torch (ATEN_CPU_CAPABILITY), MKL (MKL_CBWR in strict mode: conditional numerical
+reproducibility whose GEMMs give the same bits at any thread count; without STRICT they did not) and
 oneDNN, which every x86-64 CPU of the last decade has. These are read when the libraries load, so
 `safemerge demo` starts itself again in a child process with them set (``run_pinned``). Elsewhere (ARM) the
 figures can differ in the last digit.
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 THREADS = 2
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
           "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safemerge.demo import corpus
 
-VERSION = "3"
+VERSION = "4"
 # The content fingerprint (safemerge's XXH3 over every tensor) of the default build under the demo's pinned
 # numerics (numerics.py) on x86-64: the model the README's figures come from. tests/test_demo.py builds it again
 # and fails when the build drifts (a library changed its kernels, or the world changed without a new VERSION).
