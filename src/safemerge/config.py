@@ -149,7 +149,8 @@ class EvalSettings(BaseModel):
                                        "the judge and scorers read the answer after </think>")
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1)
     stop_when_decided: bool = Field(False, description="stop a safety response once the judge's verdict cannot change (a refusal "
-                                    "keyword appeared; keyword and compliance judges, thinking off); a sweep sets it by --adaptive")
+                                    "keyword appeared, keyword and compliance judges; on XSTest judged by its own rule, once "
+                                    "the opening decides it; thinking off); a sweep sets it by --adaptive")
     judge_prefix_tokens: int | None = Field(None, ge=1, description="model judges (WildGuard, Llama Guard): generate and judge "
                                             "only the first N tokens of each safety response")
     repetition_penalty: float = Field(SAFETY_REPETITION_PENALTY, gt=0, description="repetition penalty of the safety generations")

@@ -17,6 +17,8 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from safemerge.backends.stopping import StopWhenDecided
+
 from safemerge.errors import ConfigError
 
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -40,11 +42,17 @@ class GenerationSettings(BaseModel):
     seed: int = 0
     # a response ends as soon as its text (special tokens skipped) contains one of these: the judge's verdict is fixed
     stop_strings: tuple[str, ...] = ()
+    # ... or as soon as its opening decides whether it starts with one of these (see opening_decided)
+    stop_openings: tuple[str, ...] = ()
 
     def key(self) -> dict:
-        """The settings as a cache key sees them: stop strings only when there are some, so the caches of full
+        """The settings as a cache key sees them: stop fields only when set, so the caches of full
         generations made before they existed stay valid."""
-        return self.model_dump(exclude=set() if self.stop_strings else {"stop_strings"})
+        return self.model_dump(exclude={name for name in ("stop_strings", "stop_openings") if not getattr(self, name)})
+
+    @property
+    def stops_when_decided(self) -> bool:
+        return bool(self.stop_strings or self.stop_openings)
 
 
 @dataclass(frozen=True)
@@ -233,7 +241,8 @@ class TransformersBackend(PromptRenderer):
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
-        decided = StopWhenDecided(self.tokenizer, settings.stop_strings, width) if settings.stop_strings else None
+        decided = (StopWhenDecided(self.tokenizer, settings.stop_strings, settings.stop_openings, width)
+                   if settings.stops_when_decided else None)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                       generation_config=self.generation_config(settings),
@@ -271,27 +280,6 @@ class TransformersBackend(PromptRenderer):
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
-
-
-class StopWhenDecided:
-    """A transformers stopping criterion: a row is done once its new text contains one of ``strings``
-    (a refusal keyword: the judge's verdict cannot change). ``stopped_at`` records each such row's
-    length, so its response and token count end exactly there rather than at the padding after it."""
-
-    def __init__(self, tokenizer, strings: Sequence[str], prompt_width: int):
-        self.tokenizer, self.strings, self.width = tokenizer, tuple(strings), prompt_width
-        self.stopped_at: dict[int, int] = {}
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        new = input_ids[:, self.width:]
-        for row in range(new.shape[0]):
-            if row not in self.stopped_at:
-                text = self.tokenizer.decode(new[row], skip_special_tokens=True)
-                if any(s in text for s in self.strings):
-                    self.stopped_at[row] = new.shape[1]
-        return torch.tensor([row in self.stopped_at for row in range(new.shape[0])], device=input_ids.device)
 
 
 # --- the response cache ------------------------------------------------------------------

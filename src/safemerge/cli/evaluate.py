@@ -53,8 +53,9 @@ def evaluate(
     system_prompt: SystemPrompt = D("system_prompt"),
     thinking: Thinking = D("thinking"),
     max_new_tokens: MaxNewTokens = D("max_new_tokens"),
-    stop_when_decided: Annotated[bool, typer.Option("--stop-when-decided", help="end a safety response once a refusal keyword "
-                                                    "fixes its verdict (keyword and compliance judges; faster, responses cut short)")] = False,
+    stop_when_decided: Annotated[bool, typer.Option("--stop-when-decided", help="end a safety response once its verdict is fixed: "
+                                                    "a refusal keyword appeared (keyword and compliance judges), or an XSTest "
+                                                    "opening decided its rule (faster, responses cut short)")] = False,
     judge_prefix_tokens: JudgePrefixTokens = None,
     repetition_penalty: RepetitionPenalty = D("repetition_penalty"),
     task_repetition_penalty: TaskRepetitionPenalty = D("task_repetition_penalty"),

@@ -48,6 +48,7 @@ class EvalPlan:
     lm_eval: list[str]  # harness task names, run on the live model
     judge_spec: str
     decided_by: tuple[str, ...] = ()  # the judge's: once one appears in a response, its verdict is fixed
+    labels_refusals: bool = False  # the judge's verdicts carry a refusal label (else XSTest's own rule judges XSTest)
 
 
 @dataclass
@@ -159,11 +160,9 @@ def prepare(cfg: EvalConfig, device: str) -> EvalPlan:
 
         check_tasks(lm_eval, str(cfg.lm_eval_include) if cfg.lm_eval_include else None)
     judge_spec = resolve_judge(cfg.judge, device)
-    decided_by = ()
-    if safety:
-        judge = judging.make_judge(judge_spec, lambda spec: None)  # check the spec now; models load later
-        decided_by = getattr(judge, "decided_by", ())
-    return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec, decided_by)
+    judge = judging.make_judge(judge_spec, lambda spec: None) if safety else None  # check the spec; models load later
+    return EvalPlan(safety, unique_names(tasks), lm_eval, judge_spec, getattr(judge, "decided_by", ()),
+                    getattr(judge, "labels_refusals", False))
 
 
 def task_options(cfg: EvalSettings) -> dict:
@@ -189,15 +188,19 @@ def unique_names(items) -> dict:
 
 
 def safety_settings(cfg: EvalConfig, plan: EvalPlan, set_name: str) -> GenerationSettings:
-    """The paper's safety generation, cut short where the verdict needs no more: at a decisive string of a text
-    judge (--stop-when-decided; not on XSTest, whose rule reads the opening, nor with reasoning, which the
-    judge does not read) or at a model judge's prefix (--judge-prefix-tokens)."""
-    stop = cfg.stop_when_decided and cfg.thinking == "off" and not is_xstest(set_name)
+    """The paper's safety generation, cut short where the verdict needs no more (--stop-when-decided; not with
+    reasoning, which the judge does not read): at a decisive string of a text judge, or, on XSTest judged by its
+    own rule, once the opening decides it (transformers; vLLM has no such stop and generates in full). A model
+    judge reads a prefix only when asked (--judge-prefix-tokens)."""
+    stop = cfg.stop_when_decided and cfg.thinking == "off"
+    xstest_rule = is_xstest(set_name) and not plan.labels_refusals
     longest = cfg.max_new_tokens
     if cfg.judge_prefix_tokens and judging.is_model_judge(plan.judge_spec):
         longest = min(longest, cfg.judge_prefix_tokens)
-    return GenerationSettings(max_new_tokens=longest, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
-                              stop_strings=plan.decided_by if stop else ())
+    return GenerationSettings(
+        max_new_tokens=longest, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+        stop_strings=plan.decided_by if stop and not is_xstest(set_name) else (),
+        stop_openings=judging.XSTEST_REFUSAL_PREFIXES if stop and xstest_rule and cfg.backend == "transformers" else ())
 
 
 def task_settings(cfg: EvalConfig, task: Task) -> GenerationSettings:

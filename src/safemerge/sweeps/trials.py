@@ -103,7 +103,7 @@ def sweep_plan(cfg: SweepConfig, device: str) -> EvalPlan:
     from safemerge.evaluation.judges import make_judge
 
     judge = make_judge(judge_spec, lambda spec: None)  # check the spec before any model is loaded
-    return EvalPlan(safety, tasks, [], judge_spec, getattr(judge, "decided_by", ()))
+    return EvalPlan(safety, tasks, [], judge_spec, getattr(judge, "decided_by", ()), getattr(judge, "labels_refusals", False))
 
 
 def evaluation_identity(cfg: SweepConfig, plan: EvalPlan) -> dict:
