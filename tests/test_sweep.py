@@ -369,3 +369,26 @@ def test_report_of_a_hand_edited_sweep_json_is_one_clear_line(tmp_path):
     (run / "sweep.json").write_text('{"aligned": "a", ')
     r = subprocess.run([sys.executable, "-m", "safemerge", "report", str(run)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read" in r.stderr
+
+
+QUIET_SWEEP = """
+import sys
+from safemerge import sweep
+from safemerge.config import SweepConfig
+sweep(SweepConfig.model_validate_json(sys.argv[1]), progress=False)
+"""
+
+
+def test_the_api_with_progress_off_prints_nothing(inputs, tmp_path):
+    from safemerge.config import SweepConfig
+
+    cfg = SweepConfig(aligned=str(inputs["aligned"]), finetuned=[str(inputs["seeds"][0])], out=tmp_path / "run",
+                      methods=["linear"], lambdas=[0.5], refine=False, safety=[f"file:{inputs['harmful']}"],
+                      judge=f"keyword:{inputs['keywords']}", task_val=[f"gsm8k:{inputs['root'] / 'val.jsonl'}"],
+                      max_new_tokens=4, cache_dir=tmp_path / "cache")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", QUIET_SWEEP, cfg.model_dump_json()], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout, r.stderr) == ("", "")  # transformers' "Loading weights" bars included
+    assert (tmp_path / "run" / "results.json").exists()

@@ -16,6 +16,7 @@ import platform
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def evaluate(model: str, out: str | Path, *, progress: bool = True, invoked_as: 
 
 
 def run(cfg: EvalConfig, *, progress: bool = True, invoked_as: str | None = None) -> EvalResult:
+    """Evaluate as CFG says. progress=False prints nothing: no bar of safemerge's, none of the libraries'."""
+    from safemerge.progress import libraries_silenced
+
+    with nullcontext() if progress else libraries_silenced():
+        return run_evaluation(cfg, progress=progress, invoked_as=invoked_as)
+
+
+def run_evaluation(cfg: EvalConfig, *, progress: bool, invoked_as: str | None) -> EvalResult:
     from safemerge.backends.models import pick_device
     from safemerge.checkpoints.writer import atomic_directory, check_out
 

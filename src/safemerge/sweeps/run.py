@@ -15,7 +15,7 @@ import json
 import shutil
 import sys
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,15 @@ class SweepResult:
 
 
 def sweep(cfg: SweepConfig, *, progress: bool = True, invoked_as: str | None = None) -> SweepResult:
+    """Run the sweep CFG describes (resuming its finished trials). progress=False prints nothing: no bar of
+    safemerge's, none of the libraries' (loading and saving weights), no library logs."""
+    from safemerge.progress import libraries_silenced
+
+    with nullcontext() if progress else libraries_silenced():
+        return run_sweep(cfg, progress=progress, invoked_as=invoked_as)
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool, invoked_as: str | None) -> SweepResult:
     from safemerge.backends.models import pick_device
     from safemerge.checkpoints.readers import open_source
 
