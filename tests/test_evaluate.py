@@ -269,3 +269,21 @@ def test_humaneval_runs_the_model_code_only_when_allowed(files, tmp_path):
     # a random model writes no working function: every program runs and fails
     assert task["metrics"]["pass@1"]["value"] == 0 and task["metrics"]["pass@2"]["value"] == 0
     assert all(status == "failed" for r in answers for status in r["statuses"])
+
+
+QUIET_EVALUATE = """
+import json, sys
+from safemerge import evaluate
+model, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+evaluate(model, out, progress=False, **options)
+"""
+
+
+def test_the_api_with_progress_off_prints_nothing(files, tmp_path):
+    options = {"safety": [f"file:{files['harmful']}"], "judge": f"keyword:{files['keywords']}", "max_new_tokens": 4,
+               "tasks": [f"gsm8k:{files['gsm']}"], "cache_dir": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", QUIET_EVALUATE, str(files["model"]), str(tmp_path / "out"), json.dumps(options)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout, r.stderr) == ("", "")  # transformers' "Loading weights" bar included
+    assert (tmp_path / "out" / "results.json").exists()
