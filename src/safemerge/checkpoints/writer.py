@@ -279,14 +279,13 @@ def atomic_directory(out: Path, force: bool):
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        remove_made(made)
-        raise ConfigError(f"cannot create a directory beside {out}: {e.strerror}; choose another --out") from None
-    try:
+    try:  # one block from mkdir on: a signal just after mkdir still removes the directory
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise ConfigError(f"cannot create a directory beside {out}: {e.strerror}; choose another --out") from None
         yield tmp
         fsync_dir(tmp)
         publish(tmp, out)
